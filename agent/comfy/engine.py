@@ -1,0 +1,200 @@
+"""The agent's image engine: one ComfyUI (supervised, or attached by URL) driven by workflow templates.
+
+``run()`` is the whole life of a job on ComfyUI: validate the parameters against the template
+(before anything reaches ComfyUI), upload its images, submit with the job id as prompt id, report
+progress, fetch every output file, and leave ComfyUI as it was (history entry, uploaded inputs and
+output files deleted), whether the job succeeded or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpugate.errors import EngineUnavailable, InvalidRequest, WorkerLost
+from gpugate.settings import Settings
+
+from . import launch
+from .client import ComfyClient, ProgressCallback
+from .inventory import Model, list_models
+from .process import ComfyProcess
+from .protocol import OutputRef, combo_values
+from .workflows import ImageInput, ParamType, Workflow, WorkflowLibrary, render, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file a job produced."""
+
+    node_id: str
+    kind: str  # the output list it came in: images, gifs, audio, latents, ...
+    filename: str
+    media_type: str
+    data: bytes
+
+
+class ComfyEngine:
+    """Use ``async with ComfyEngine(settings) as engine: await engine.run("txt2img", {...})``."""
+
+    def __init__(self, settings: Settings, library: WorkflowLibrary | None = None) -> None:
+        self.settings = settings
+        self.library = library or WorkflowLibrary(settings.workflows.dirs)
+        self.process: ComfyProcess | None = None
+        self.client: ComfyClient | None = None
+        self._object_info: dict[str, Any] = {}
+        self._dirs: dict[str, Path] = {}  # ComfyUI's input/output/temp folders, when we can see them
+
+    @property
+    def url(self) -> str:
+        assert self.client is not None
+        return self.client.base_url
+
+    async def __aenter__(self) -> ComfyEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        comfy = self.settings.comfy
+        if comfy.mode == "attach":
+            if not comfy.url:
+                raise EngineUnavailable("comfy.mode = 'attach' needs comfy.url")
+            url = comfy.url
+            self._dirs = {k: v for k, v in (("input", comfy.attach_input_dir), ("output", comfy.attach_output_dir)) if v}
+        else:
+            spec = launch.prepare(self.settings, use_cuda=self._use_cuda())
+            self.process = ComfyProcess(
+                spec.command, url=spec.url, cwd=spec.cwd,
+                startup_timeout_s=comfy.startup_timeout_s, backoff_s=comfy.restart_backoff_s,
+                backoff_max_s=comfy.restart_backoff_max_s, on_exit=self._on_comfy_exit,
+            )
+            await self.process.start()
+            url = spec.url
+            self._dirs = {"input": spec.input_dir, "output": spec.output_dir, "temp": spec.temp_dir}
+        self.client = ComfyClient(url)
+        await self.client.__aenter__()
+        await self.refresh()
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.__aexit__(None, None, None)
+        if self.process is not None:
+            await self.process.stop()
+
+    def _use_cuda(self) -> bool:
+        device = self.settings.comfy.device
+        if device != "auto":
+            return device == "cuda"
+        from agent.gpu import list_gpus
+
+        return bool(list_gpus())
+
+    def _on_comfy_exit(self, returncode: int) -> None:
+        if self.client is not None:
+            self.client.fail_all(WorkerLost(f"ComfyUI died (exit code {returncode})"))
+        self._object_info = {}
+
+    async def refresh(self) -> None:
+        """Re-read ComfyUI's node schemas: installed models and accepted values change with them."""
+        assert self.client is not None
+        self._object_info = await self.client.get_json("/object_info")
+
+    async def models(self) -> list[Model]:
+        if not self._object_info:
+            await self.refresh()
+        return list_models(self._object_info, self.settings.paths.models_dir)
+
+    async def run(
+        self,
+        workflow: str,
+        params: Mapping[str, Any],
+        *,
+        job_id: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[OutputFile]:
+        """Run one workflow; raise a :class:`JobFailed` subclass saying why when it cannot."""
+        assert self.client is not None, "start the engine first"
+        job_id = job_id or uuid.uuid4().hex
+        template = self.library.get(workflow)
+        values = await self._validate(template, params)
+        if self.process is not None:
+            await self.process.wait_ready(self.settings.comfy.startup_timeout_s)
+        refs: list[OutputRef] = []
+        try:
+            uploaded = await self._upload_images(template, values, job_id)
+            prompt = render(template, values, uploaded, job_id)
+            log.info("prompt submitted", extra={"job": job_id, "workflow": workflow})
+            refs = await self.client.run(prompt, job_id, timeout=self.settings.comfy.job_timeout_s,
+                                         on_progress=on_progress, namer=template.param_for)
+            outputs = [await self._fetch(ref) for ref in refs]
+            log.info("prompt finished", extra={"job": job_id, "outputs": len(outputs)})
+            return outputs
+        finally:
+            await self._clean_up(job_id, refs)
+
+    async def interrupt(self, job_id: str) -> None:
+        assert self.client is not None
+        await self.client.interrupt(job_id)
+
+    async def _validate(self, template: Workflow, params: Mapping[str, Any]) -> dict[str, Any]:
+        combos = lambda node, name: combo_values(self._object_info, node, name)  # noqa: E731
+        try:
+            return validate(template, params, combos)
+        except InvalidRequest as exc:
+            if not any(e.code == "not_installed" for e in exc.errors):
+                raise
+        await self.refresh()  # a model may have been added since we last looked
+        return validate(template, params, combos)
+
+    async def _upload_images(self, template: Workflow, values: Mapping[str, Any], job_id: str) -> dict[str, str]:
+        assert self.client is not None
+        uploaded = {}
+        for name, spec in template.params.items():
+            image = values.get(name)
+            if spec.type is ParamType.IMAGE and isinstance(image, ImageInput):
+                uploaded[name] = await self.client.upload_image(image.data, f"{name}.{image.format.lower()}", job_id)
+        return uploaded
+
+    async def _fetch(self, ref: OutputRef) -> OutputFile:
+        assert self.client is not None
+        data = await self.client.view(ref)
+        media_type = mimetypes.guess_type(ref.filename)[0] or "application/octet-stream"
+        return OutputFile(ref.node_id, ref.kind, ref.filename, media_type, data)
+
+    async def _clean_up(self, job_id: str, refs: list[OutputRef]) -> None:
+        """Forget the job in ComfyUI: its history entry, uploaded inputs and output files.
+
+        Our uploads and saved outputs sit in ``job_id/`` folders (see :func:`render`); files a
+        node wrote elsewhere (previews in temp/) are deleted one by one.
+        """
+        assert self.client is not None
+        try:
+            await self.client.delete_history(job_id)
+        except WorkerLost:
+            pass  # a dead ComfyUI has no history to delete
+        doomed = [self._dirs[k] / job_id for k in ("input", "output") if k in self._dirs]
+        doomed += [self._dirs[r.type] / r.subfolder / r.filename for r in refs
+                   if r.type in self._dirs and not r.subfolder.startswith(job_id)]
+        if doomed:
+            await asyncio.to_thread(_remove, doomed, list(self._dirs.values()))
+
+
+def _remove(paths: list[Path], roots: list[Path]) -> None:
+    for path in paths:
+        if not any(path.resolve().is_relative_to(root.resolve()) for root in roots):
+            continue  # a ref that points outside ComfyUI's folders is never ours to delete
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

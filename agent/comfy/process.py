@@ -1,0 +1,206 @@
+"""Supervise ComfyUI as a child process: start, wait for readiness, restart on death, stop.
+
+Readiness is ComfyUI answering ``/system_stats`` while its PID is still alive: no fixed sleeps.
+A ComfyUI that dies after it was up is restarted with exponential backoff and the ``on_exit``
+callback is told first, so the jobs it was running fail at once as "ComfyUI died" instead of
+hanging. A ComfyUI that cannot come up at all is an :class:`EngineUnavailable` with its last log
+lines. Its output goes line by line to the ``comfyui`` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import aiohttp
+
+from gpugate.errors import EngineUnavailable
+
+log = logging.getLogger(__name__)
+comfy_log = logging.getLogger("comfyui")
+
+READY_POLL_S = 0.1
+STABLE_AFTER_S = 60.0  # a run this long resets the restart backoff
+STOP_GRACE_S = 10.0
+
+
+class ComfyProcess:
+    """One supervised ComfyUI. Use ``async with`` or ``start()`` / ``stop()``."""
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        url: str,
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        startup_timeout_s: float = 300.0,
+        backoff_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        on_exit: Callable[[int], None] = lambda returncode: None,
+    ) -> None:
+        self.command = list(command)
+        self.url = url
+        self._cwd = cwd
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._startup_timeout_s = startup_timeout_s
+        self._backoff_s = backoff_s
+        self._backoff_max_s = backoff_max_s
+        self._on_exit = on_exit
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc and self._proc.returncode is None else None
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def __aenter__(self) -> ComfyProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Launch ComfyUI and return once it answers; raise EngineUnavailable if it cannot."""
+        async with aiohttp.ClientSession() as http:
+            await self._launch_until_ready(http)
+        self._supervisor = asyncio.create_task(self._supervise(), name="comfyui-supervisor")
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait while a restart is under way; EngineUnavailable if it takes longer than ``timeout``."""
+        if self._ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise EngineUnavailable(f"ComfyUI is not ready after {timeout:.0f}s") from None
+
+    async def stop(self) -> None:
+        """Stop supervising and end the process: SIGTERM, then SIGKILL after a grace period."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        await self._terminate()
+
+    async def _supervise(self) -> None:
+        """Wait for the process to exit; unless we are stopping, report it and start it again."""
+        delay = self._backoff_s
+        async with aiohttp.ClientSession() as http:
+            while not self._stopping:
+                assert self._proc is not None
+                started = time.monotonic()
+                returncode = await self._proc.wait()
+                await self._drain_log()
+                self._ready.clear()
+                if self._stopping:
+                    return
+                log.warning("ComfyUI exited", extra={"returncode": returncode, "pid": self._proc.pid})
+                self._on_exit(returncode)
+                if time.monotonic() - started > STABLE_AFTER_S:
+                    delay = self._backoff_s
+                while not self._stopping:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._backoff_max_s)
+                    try:
+                        await self._launch_until_ready(http)
+                        self.restarts += 1
+                        break
+                    except EngineUnavailable as exc:
+                        log.error("ComfyUI restart failed", extra={"error": str(exc), "retry_in_s": delay})
+
+    async def _launch_until_ready(self, http: aiohttp.ClientSession) -> None:
+        self._tail.clear()
+        proc = await asyncio.create_subprocess_exec(
+            *self.command,
+            cwd=self._cwd,
+            env=self._env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        self._proc = proc
+        log.info("ComfyUI starting", extra={"pid": proc.pid, "url": self.url})
+        self._pump = asyncio.create_task(self._pump_log(proc), name=f"comfyui-log-{proc.pid}")
+        exited = asyncio.create_task(proc.wait(), name=f"comfyui-wait-{proc.pid}")
+        answering = asyncio.create_task(self._poll_until_answering(http), name=f"comfyui-ready-{proc.pid}")
+        try:
+            done, _ = await asyncio.wait(
+                {exited, answering}, timeout=self._startup_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            answering.cancel()
+            exited.cancel()
+        if answering in done:
+            self._ready.set()
+            log.info("ComfyUI ready", extra={"pid": proc.pid, "url": self.url})
+            return
+        if exited not in done:
+            await self._terminate()
+        await self._drain_log()
+        why = f"exited with code {proc.returncode}" if exited in done else f"not answering after {self._startup_timeout_s:.0f}s"
+        raise EngineUnavailable(f"ComfyUI {why}; last output:\n" + "\n".join(self._tail))
+
+    async def _poll_until_answering(self, http: aiohttp.ClientSession) -> None:
+        while True:
+            try:
+                async with http.get(f"{self.url}/system_stats", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(READY_POLL_S)
+
+    async def _pump_log(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self._tail.append(line)
+                comfy_log.info(line, extra={"pid": proc.pid})
+
+    async def _drain_log(self) -> None:
+        """The log pump ends at the process's EOF; wait for it so no line is lost."""
+        if self._pump is not None:
+            await self._pump
+            self._pump = None
+
+    async def _terminate(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+            log.info("ComfyUI stopped", extra={"pid": proc.pid})
+        await self._drain_log()
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when the agent dies, so no ComfyUI is orphaned."""
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -1,0 +1,157 @@
+"""Typed settings: the one place that reads the configuration file and the environment.
+
+Sources, later ones winning: the defaults below, a TOML file (``--config`` or ``GPUGATE_CONFIG``),
+then environment variables ``GPUGATE_<SECTION>__<KEY>`` (for example ``GPUGATE_COMFY__PORT=8190``;
+list values are JSON: ``GPUGATE_WORKFLOWS__DIRS='["/srv/flows"]'``). Relative paths are taken
+from the project root, so the same file works wherever the command is started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "GPUGATE_"
+
+
+def _from_root(path: Path) -> Path:
+    return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Section):
+    """Where state, models and caches live."""
+
+    data_dir: Path = Path("data")  # runtime state: ComfyUI's folders, later the router's store
+    models_dir: Path = Path("models")  # weights, one folder per kind (see models/README.md)
+    custom_nodes_dir: Path = Path("custom_nodes")  # our ComfyUI nodes
+    vendor_dir: Path = Path("vendor")  # provisioned components (ComfyUI)
+    cache_dir: Path = Path.home() / ".cache" / "gpugate"  # downloads kept between installs
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _resolve(cls, v: Path) -> Path:
+        return _from_root(v)
+
+
+class Workflows(_Section):
+    """Folders of workflow templates; a later folder's workflow replaces an earlier one of the same name."""
+
+    dirs: tuple[Path, ...] = (Path("workflows"),)
+
+    @field_validator("dirs", mode="after")
+    @classmethod
+    def _resolve(cls, v: tuple[Path, ...]) -> tuple[Path, ...]:
+        return tuple(_from_root(p) for p in v)
+
+
+class Comfy(_Section):
+    """How the agent gets its ComfyUI.
+
+    ``vendored``: the pinned copy under ``paths.vendor_dir`` (default). ``checkout``: an existing
+    ComfyUI source tree at ``checkout_dir``, run with ``python`` (default: this interpreter).
+    ``attach``: an already running ComfyUI at ``url``; it is not started, stopped or restarted.
+    """
+
+    mode: Literal["vendored", "checkout", "attach"] = "vendored"
+    checkout_dir: Path | None = None
+    python: Path | None = None
+    url: str | None = None
+    listen: str = "127.0.0.1"
+    port: int = 0  # 0: a free loopback port is picked at start
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when pynvml sees a GPU
+    extra_args: tuple[str, ...] = ()
+    extra_custom_node_dirs: tuple[Path, ...] = ()
+    embed_workflow_metadata: bool = False  # keep the workflow out of output files by default
+    startup_timeout_s: float = 300.0
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    job_timeout_s: float = 3600.0  # per job; long jobs are normal on big models
+    # In attach mode the agent cannot see ComfyUI's folders unless told; with them it deletes
+    # uploaded inputs and fetched outputs after each job as it does for its own ComfyUI.
+    attach_input_dir: Path | None = None
+    attach_output_dir: Path | None = None
+
+    @field_validator("checkout_dir", "python", "attach_input_dir", "attach_output_dir", mode="after")
+    @classmethod
+    def _resolve(cls, v: Path | None) -> Path | None:
+        return None if v is None else _from_root(v)
+
+    @field_validator("extra_custom_node_dirs", mode="after")
+    @classmethod
+    def _resolve_all(cls, v: tuple[Path, ...]) -> tuple[Path, ...]:
+        return tuple(_from_root(p) for p in v)
+
+
+class Settings(_Section):
+    """Everything configurable, built once at the entry point and passed down."""
+
+    paths: Paths = Paths()
+    workflows: Workflows = Workflows()
+    comfy: Comfy = Comfy()
+
+    @property
+    def comfy_vendor_dir(self) -> Path:
+        return self.paths.vendor_dir / "comfyui"
+
+    @property
+    def comfy_state_dir(self) -> Path:
+        """ComfyUI's base directory (input, output, temp, user) for the ComfyUI this agent runs."""
+        return self.paths.data_dir / "comfyui"
+
+
+def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, the TOML file and GPUGATE_* variables."""
+    environ = os.environ if environ is None else environ
+    config_file = config_file or (Path(environ["GPUGATE_CONFIG"]) if environ.get("GPUGATE_CONFIG") else None)
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+    _merge(data, _env_overrides(environ))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "GPUGATE_CONFIG" or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        out.setdefault(section, {})[key] = _env_value(raw)
+    return out
+
+
+def _env_value(raw: str) -> Any:
+    """JSON lists and objects are parsed; everything else stays a string for pydantic to convert."""
+    if raw[:1] in "[{":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            pass
+    return raw
+
+
+def _merge(into: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
