@@ -27,7 +27,8 @@ def _from_root(path: Path) -> Path:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # validate_default: defaults pass through the validators too, so default paths are resolved
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class Paths(_Section):

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 5.0
+STOP_GRACE_S = 30.0  # how long an interrupted prompt may take to reach its next interrupt check
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,27 @@ class ComfyClient:
         try:
             await self._wait_connected(timeout)
             await self._submit(prompt, prompt_id, namer)
-            async with asyncio.timeout(timeout):
-                return await self._wait_outcome(prompt_id, watch)
-        except TimeoutError:
-            await self.interrupt(prompt_id)
-            raise JobTimeout(f"still running after {timeout:.0f}s; interrupted") from None
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._wait_outcome(prompt_id, watch)
+            except TimeoutError:
+                await self._stop(prompt_id, watch)
+                raise JobTimeout(f"still running after {timeout:.0f}s; interrupted") from None
+            except asyncio.CancelledError:  # the caller gave up on the job: ComfyUI must too
+                await asyncio.shield(self._stop(prompt_id, watch))
+                raise
         finally:
             del self._watches[prompt_id]
+
+    async def _stop(self, prompt_id: str, watch: _Watch) -> None:
+        """Interrupt a prompt and wait until ComfyUI has let go of it, so nothing of it is left behind."""
+        try:
+            await self.interrupt(prompt_id)
+            async with asyncio.timeout(STOP_GRACE_S):
+                while await watch.next_signal() != "done" and await self._is_queued(prompt_id):
+                    pass
+        except (TimeoutError, JobFailed) as exc:
+            log.warning("prompt did not confirm its end", extra={"job": prompt_id, "error": str(exc)})
 
     async def _wait_connected(self, timeout: float) -> None:
         # Events sent before the socket is up are lost: never submit without it.

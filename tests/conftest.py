@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny real models (cached outside the repo), settings on temporary folders, and
+one real ComfyUI for the whole session (started once: it takes ~10 s on two cores)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from agent.comfy.engine import ComfyEngine
+from gpugate.settings import PROJECT_ROOT, Settings, load_settings
+from tests.model_fixtures import CHECKPOINT, UPSCALER
+
+TESTS = Path(__file__).parent
+CACHE = Path(os.environ.get("GPUGATE_TEST_CACHE", Path.home() / ".cache" / "gpugate" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def fixture_models() -> Path:
+    """Build the tiny checkpoint and upscaler once per machine (in a subprocess: torch stays out of here)."""
+    subprocess.run([sys.executable, "-m", "tests.model_fixtures", str(CACHE), str(PROJECT_ROOT / "vendor" / "comfyui")],
+                   check=True, cwd=PROJECT_ROOT)
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def models_dir(fixture_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for kind, name in (("checkpoints", CHECKPOINT), ("upscale_models", UPSCALER)):
+        (root / kind).mkdir()
+        (root / kind / name).symlink_to(fixture_models / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def drop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initially empty workflow folder the engine also reads: tests drop templates into it."""
+    return tmp_path_factory.mktemp("dropped_workflows")
+
+
+def make_settings(data_dir: Path, models_dir: Path, workflow_dirs: list[Path], **env: str) -> Settings:
+    return load_settings(environ={
+        "GPUGATE_PATHS__DATA_DIR": str(data_dir),
+        "GPUGATE_PATHS__MODELS_DIR": str(models_dir),
+        "GPUGATE_WORKFLOWS__DIRS": json.dumps([str(d) for d in workflow_dirs]),
+        "GPUGATE_COMFY__EXTRA_CUSTOM_NODE_DIRS": json.dumps([str(TESTS / "comfy_nodes")]),
+        "GPUGATE_COMFY__DEVICE": "cpu",
+        **env,
+    })
+
+
+@pytest.fixture(scope="session")
+def settings(models_dir: Path, drop_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(tmp_path_factory.mktemp("data"), models_dir,
+                         [PROJECT_ROOT / "workflows", TESTS / "workflows", drop_dir])
+
+
+@pytest.fixture(scope="session")
+async def engine(settings: Settings) -> AsyncIterator[ComfyEngine]:
+    async with ComfyEngine(settings) as engine:
+        yield engine
+
+
+def png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_of(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
