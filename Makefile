@@ -6,16 +6,18 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install run test bench clean
 
-# The virtual environment with gpugate, ComfyUI's dependencies and the test tools.
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[agent,dev]'
+# install.sh does the work (venv, packages, ComfyUI pinned by hash); the stamp skips it when
+# nothing it depends on changed.
+$(STAMP): pyproject.toml install.sh agent/comfy/vendor.py
+	PYTHON=$(PYTHON) VENV=$(VENV) ./install.sh --dev
 	touch $@
 
-# ComfyUI 0.3.75, pinned by hash, into vendor/comfyui (a no-op when already there).
-install: $(STAMP)
+# (vendor/ is git-ignored; if it went missing, provision again.)
+vendor/comfyui/.gpugate-provisioned: $(STAMP)
 	$(BIN)/gpugate --log-level WARNING comfy provision
+	@touch $@
+
+install: $(STAMP) vendor/comfyui/.gpugate-provisioned
 
 run: install
 	$(BIN)/gpugate agent

@@ -63,6 +63,7 @@ async def test_comfyui_is_left_clean_after_jobs(engine: ComfyEngine, settings) -
     await engine.run("img2img", {"image": png(64, 64), **FAST})
     with pytest.raises(ExecutionError):
         await engine.run("fail", {"error": "runtime"})
+    await engine.settle()
     assert await engine.client.get_json("/history") == {}
     state = settings.comfy_state_dir
     assert list((state / "output").iterdir()) == []

@@ -152,13 +152,17 @@ class ComfyClient:
     async def _wait_outcome(self, prompt_id: str, watch: _Watch) -> list[OutputRef]:
         while True:
             signal = await watch.next_signal()
+            # After a reconnect: still queued or running means keep waiting. ComfyUI moves a prompt
+            # from its queue to its history under one lock, so asking the queue first and the
+            # history second cannot miss a prompt that finishes in between.
+            if signal == "resync" and await self._is_queued(prompt_id):
+                continue
             entry = await self.history(prompt_id)
             if entry is not None and entry.get("status") is not None:
                 return history_outcome(entry)
             if signal == "done":
                 raise ExecutionError("ComfyUI reported the prompt finished but has no history for it")
-            if not await self._is_queued(prompt_id):  # signal == "resync" after a reconnect
-                raise WorkerLost("ComfyUI lost the prompt: it restarted while the event connection was down")
+            raise WorkerLost("ComfyUI lost the prompt: it restarted while the event connection was down")
 
     def fail_all(self, failure: JobFailed) -> None:
         """Fail every waiting prompt at once (the supervisor saw ComfyUI die)."""

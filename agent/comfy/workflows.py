@@ -181,13 +181,26 @@ class WorkflowLibrary:
     def __init__(self, dirs: Sequence[Path]) -> None:
         self.dirs = list(dirs)
         self._cache: dict[Path, tuple[tuple[float, float], Workflow]] = {}
+        self._listings: dict[Path, tuple[float, list[Path]]] = {}
 
     def _paths(self) -> dict[str, Path]:
         found: dict[str, Path] = {}
         for folder in self.dirs:
-            for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            for path in self._listing(folder):
                 found[path.stem] = path
         return found
+
+    def _listing(self, folder: Path) -> list[Path]:
+        """A folder's templates, listed again only when the folder changed (files added or removed)."""
+        try:
+            mtime = folder.stat().st_mtime
+        except OSError:
+            return []
+        cached = self._listings.get(folder)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, sorted(folder.glob("*.json")))
+            self._listings[folder] = cached
+        return cached[1]
 
     def _load(self, path: Path) -> Workflow:
         toml = path.with_suffix(".toml")
