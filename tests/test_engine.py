@@ -101,6 +101,17 @@ async def test_a_workflow_naming_a_missing_checkpoint_fails_as_invalid_and_names
     assert "no-such-model.safetensors" in info.value.message
 
 
+async def test_a_partly_valid_workflow_is_refused_and_its_valid_half_does_not_linger(engine: ComfyEngine, settings) -> None:
+    # ComfyUI answers 200 with node_errors and queues the half that validated; we take it back.
+    with pytest.raises(InvalidRequest) as info:
+        await engine.run("partly_invalid", {}, job_id="partly-invalid")
+    assert info.value.errors[0].field == "4.ckpt_name" and "no-such-model.safetensors" in info.value.message
+    await engine.settle()
+    assert await engine.client.get_json("/history") == {}
+    assert await engine.client.get_json("/queue") == {"queue_running": [], "queue_pending": []}
+    assert not (settings.comfy_state_dir / "output" / "partly-invalid").exists()
+
+
 async def test_execution_errors_are_classified(engine: ComfyEngine) -> None:
     with pytest.raises(OutOfMemory, match="out of memory in node 2 \\(GpugateTestFail\\)"):
         await engine.run("fail", {"error": "out_of_memory"})

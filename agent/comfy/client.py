@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import websockets
 
-from gpugate.errors import ExecutionError, JobFailed, JobTimeout, WorkerLost
+from gpugate.errors import ExecutionError, InvalidRequest, JobFailed, JobTimeout, WorkerLost
 
 from .protocol import FieldNamer, OutputRef, history_outcome, prompt_refusal
 
@@ -107,7 +107,10 @@ class ComfyClient:
         watch = self._watches[prompt_id] = _Watch(prompt, on_progress)
         try:
             await self._wait_connected(timeout)
-            await self._submit(prompt, prompt_id, namer)
+            refusal = await self._submit(prompt, prompt_id, namer)
+            if refusal is not None:  # ComfyUI queued the part that validated: take it back first
+                await self._stop(prompt_id, watch)
+                raise refusal
             try:
                 async with asyncio.timeout(timeout):
                     return await self._wait_outcome(prompt_id, watch)
@@ -137,17 +140,17 @@ class ComfyClient:
         except TimeoutError:
             raise WorkerLost(f"no event connection to ComfyUI at {self.base_url}") from None
 
-    async def _submit(self, prompt: Mapping[str, Any], prompt_id: str, namer: FieldNamer) -> None:
+    async def _submit(self, prompt: Mapping[str, Any], prompt_id: str, namer: FieldNamer) -> InvalidRequest | None:
+        """Queue the prompt. A refusal is raised; a partial one (200 with node_errors) is returned,
+        because the outputs that did validate are queued and must be stopped by the caller."""
         body = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
         async with self._request("POST", "/prompt", json=body) as r:
             answer = await r.json(content_type=None)
-            if r.status == 200 and not answer.get("node_errors"):
-                return
-            if r.status == 200:  # queued, but some outputs failed validation: take it back
-                await self._post("/queue", {"delete": [prompt_id]})
-            if r.status in (200, 400):
-                raise prompt_refusal(answer, prompt, namer)
-            raise ExecutionError(f"ComfyUI answered {r.status} to /prompt: {str(answer)[:500]}")
+        if r.status == 200:
+            return prompt_refusal(answer, prompt, namer) if answer.get("node_errors") else None
+        if r.status == 400:
+            raise prompt_refusal(answer, prompt, namer)
+        raise ExecutionError(f"ComfyUI answered {r.status} to /prompt: {str(answer)[:500]}")
 
     async def _wait_outcome(self, prompt_id: str, watch: _Watch) -> list[OutputRef]:
         while True:
