@@ -20,7 +20,7 @@ vendor/comfyui/.gpugate-provisioned: $(STAMP)
 install: $(STAMP) vendor/comfyui/.gpugate-provisioned
 
 run: install
-	$(BIN)/gpugate agent
+	$(BIN)/gpugate up
 
 # pytest's exit code 5 means no test ran: that is a failure here, never a pass.
 test: install

@@ -1,44 +1,60 @@
-"""The agent process: start its engines, serve until told to stop, shut down in order.
-
-Until the router exists (the next step of the plan) the agent runs its supervised ComfyUI and
-reports what it can serve; the router link will pull jobs into the same engine.
-"""
+"""The agent process: start its engines, join the router (when one is configured), serve until
+told to stop, and shut down in order: leave the router, stop ComfyUI."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
 
 from gpugate.settings import Settings
 
 from .comfy.engine import ComfyEngine
-from .gpu import list_gpus
+from .gpu import report_devices
+from .link import RouterLink
+from .runners import Runner
+from .runners.comfy import ComfyRunner
+from .runners.echo import EchoRunner
 
 log = logging.getLogger(__name__)
 
 
+@contextlib.asynccontextmanager
+async def runners(settings: Settings) -> AsyncIterator[list[Runner]]:
+    """The capabilities this agent offers, started, and stopped on exit."""
+    out: list[Runner] = [EchoRunner()] if settings.agent.echo else []
+    if settings.comfy.mode == "off":
+        yield out
+        return
+    async with ComfyEngine(settings) as engine:
+        workflows, problems = engine.library.scan()
+        for problem in problems:
+            log.error("workflow not loaded", extra={"problem": problem})
+        log.info("ComfyUI engine ready", extra={"comfyui": engine.url, "workflows": ",".join(w.name for w in workflows)})
+        yield [*out, ComfyRunner(engine)]
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGINT/SIGTERM (or ``stop`` is set), then stop ComfyUI and return."""
+    """Run until SIGINT/SIGTERM (or ``stop`` is set), then stop everything and return."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        gpus = list_gpus()
-        log.info("agent starting", extra={"gpus": [f"{g.index}:{g.name}" for g in gpus] or "cpu-only"})
-        async with ComfyEngine(settings) as engine:
-            models = await engine.models()
-            workflows, problems = engine.library.scan()
-            for problem in problems:
-                log.error("workflow not loaded", extra={"problem": problem})
-            log.info("agent ready", extra={
-                "comfyui": engine.url,
-                "workflows": ",".join(w.name for w in workflows),
-                "models": ",".join(f"{m.kind}/{m.name}" for m in models) or "none",
-            })
-            print(f"gpugate agent ready: ComfyUI at {engine.url}; Ctrl-C to stop", flush=True)
-            await stop.wait()
+        cpu_only, devices = report_devices(settings)
+        log.info("agent starting", extra={"devices": ",".join(f"{d.index}:{d.name}" for d in devices),
+                                          "cpu_only": cpu_only})
+        async with runners(settings) as offered:
+            models = [f"{m.kind}/{m.name}" for r in offered for m in await r.models()]
+            log.info("agent ready", extra={"models": ",".join(models) or "none"})
+            if settings.agent.router_url:
+                print(f"gpugate agent ready, joining {settings.agent.router_url}; Ctrl-C to stop", flush=True)
+                await RouterLink(settings, offered).run(stop)
+            else:
+                print("gpugate agent ready (no router configured); Ctrl-C to stop", flush=True)
+                await stop.wait()
             log.info("agent stopping")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

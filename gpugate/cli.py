@@ -37,7 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     agent = commands.add_parser("agent", help="run the agent (supervised ComfyUI) until Ctrl-C")
+    agent.add_argument("--router", metavar="URL", help="join this router (the token: agent.token / GPUGATE_AGENT__TOKEN)")
     agent.set_defaults(func=_agent)
+
+    router = commands.add_parser("router", help="run the router until Ctrl-C")
+    router.set_defaults(func=_router)
+
+    up = commands.add_parser("up", help="run a router and a local agent; print the URL and an admin key")
+    up.set_defaults(func=_up)
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(required=True, metavar="ACTION")
+    create = keys.add_parser("create", help="make a key (printed once)")
+    create.add_argument("--name", default="")
+    create.add_argument("--apis", help="comma-separated APIs the key may call (default: all)")
+    create.add_argument("--admin", action="store_true", help="may see every key's jobs")
+    create.set_defaults(func=_keys_create)
+    keys.add_parser("list", help="the keys (never their secrets)").set_defaults(func=_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id", type=int)
+    revoke.set_defaults(func=_keys_revoke)
 
     inventory = commands.add_parser("inventory", help="start ComfyUI and list the models it can serve, by kind")
     inventory.set_defaults(func=_inventory)
@@ -65,7 +83,66 @@ def _provision(settings: Settings, args: argparse.Namespace) -> None:
 def _agent(settings: Settings, args: argparse.Namespace) -> None:
     from agent.main import serve
 
+    if args.router:
+        settings = settings.model_copy(update={"agent": settings.agent.model_copy(update={"router_url": args.router})})
     asyncio.run(serve(settings))
+
+
+def _router(settings: Settings, args: argparse.Namespace) -> None:
+    from router.main import serve
+
+    if not settings.router.agent_token:
+        print("warning: router.agent_token is not set; no agent can join", file=sys.stderr)
+    asyncio.run(serve(settings))
+
+
+def _up(settings: Settings, args: argparse.Namespace) -> None:
+    from router.main import up
+
+    asyncio.run(up(settings))
+
+
+def _keys_create(settings: Settings, args: argparse.Namespace) -> None:
+    from router.keys import create_key
+    from router.store.sqlite import SqliteStore
+
+    apis = tuple(a.strip() for a in args.apis.split(",") if a.strip()) if args.apis else None
+    store = SqliteStore(settings.router_db)
+    try:
+        new = create_key(store, args.name, apis, args.admin)
+    finally:
+        store.close()
+    print(f"key {new.key.id} ({', '.join(apis) if apis else 'all APIs'}): {new.token}")
+
+
+def _keys_list(settings: Settings, args: argparse.Namespace) -> None:
+    import time
+
+    from router.store.sqlite import SqliteStore
+
+    store = SqliteStore(settings.router_db)
+    try:
+        for key in store.list_keys():
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created))
+            state = "revoked" if key.revoked else ("admin" if key.admin else "active")
+            print(f"{key.id:4} {key.prefix}...  {state:8} {when}  {key.name or '-':20} "
+                  f"{','.join(key.apis) if key.apis else 'all APIs'}")
+    finally:
+        store.close()
+
+
+def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from router.store.sqlite import SqliteStore
+
+    store = SqliteStore(settings.router_db)
+    try:
+        if not store.revoke_key(args.id):
+            print(f"error: no active key {args.id}", file=sys.stderr)
+            return 2
+    finally:
+        store.close()
+    print(f"key {args.id} revoked")
+    return 0
 
 
 def _inventory(settings: Settings, args: argparse.Namespace) -> None:

@@ -63,9 +63,10 @@ class Comfy(_Section):
     ``vendored``: the pinned copy under ``paths.vendor_dir`` (default). ``checkout``: an existing
     ComfyUI source tree at ``checkout_dir``, run with ``python`` (default: this interpreter).
     ``attach``: an already running ComfyUI at ``url``; it is not started, stopped or restarted.
+    ``off``: no ComfyUI (an agent that only runs other capabilities).
     """
 
-    mode: Literal["vendored", "checkout", "attach"] = "vendored"
+    mode: Literal["vendored", "checkout", "attach", "off"] = "vendored"
     checkout_dir: Path | None = None
     python: Path | None = None
     url: str | None = None
@@ -95,16 +96,66 @@ class Comfy(_Section):
         return tuple(_from_root(p) for p in v)
 
 
+class Router(_Section):
+    """The central service."""
+
+    listen: str = "127.0.0.1"
+    port: int = 8420
+    public_base_url: str | None = None  # where clients fetch /artifacts (a CDN); default: the router's own URL
+    agent_token: str | None = None  # agents must present it; `gpugate up` makes one
+    sync_timeout_s: float = 60.0  # a sync call waits this long, then answers with the job reference
+    max_attempts: int = 3  # per job, counting retries after infrastructure failures
+    heartbeat_timeout_s: float = 15.0  # an agent silent this long is lost; its jobs are queued again
+    max_upload_mb: float = 50.0
+    catalog: Path = Path("models/catalog.toml")  # model names -> files
+    echo_api: bool = False  # /api/Echo, a no-op job for benchmarks
+
+    @field_validator("catalog", mode="after")
+    @classmethod
+    def _resolve(cls, v: Path) -> Path:
+        return _from_root(v)
+
+
+class GpuOverride(_Section):
+    """A device as the agent should report it (for exercising the scheduler on CPU-only hosts)."""
+
+    name: str
+    vram_total_gb: float
+    vram_free_gb: float
+
+
+class Agent(_Section):
+    """This host's agent and how it reaches the router."""
+
+    name: str = ""  # default: the host name
+    router_url: str | None = None
+    token: str | None = None  # the router's agent_token
+    concurrency: int = 1  # jobs at once; ComfyUI itself runs one prompt at a time
+    heartbeat_s: float = 3.0
+    gpus: tuple[GpuOverride, ...] | None = None  # report these instead of what NVML sees
+    echo: bool = False  # offer the echo capability (benchmarks)
+
+
 class Settings(_Section):
     """Everything configurable, built once at the entry point and passed down."""
 
     paths: Paths = Paths()
     workflows: Workflows = Workflows()
     comfy: Comfy = Comfy()
+    router: Router = Router()
+    agent: Agent = Agent()
 
     @property
     def comfy_vendor_dir(self) -> Path:
         return self.paths.vendor_dir / "comfyui"
+
+    @property
+    def router_db(self) -> Path:
+        return self.paths.data_dir / "router.db"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.paths.data_dir / "artifacts"
 
     @property
     def comfy_state_dir(self) -> Path:

@@ -25,7 +25,6 @@ reads folders on each look-up (a ``stat`` per file) and re-parses only what chan
 from __future__ import annotations
 
 import copy
-import io
 import json
 import re
 import secrets
@@ -36,12 +35,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gpugate.errors import ConfigError, FieldError, InvalidRequest
+from gpugate.images import probe_image
 
-MAX_IMAGE_SIDE = 8192
 SEED_MAX = 2**64 - 1
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -101,10 +99,19 @@ class ParamSpec(BaseModel):
         return out
 
 
+class VramHint(BaseModel):
+    """Overrides the router's memory estimate for this workflow (see router/scheduler.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base_gb: float | None = None  # on top of the model's weights
+    per_megapixel_gb: float | None = None  # per output megapixel, times the batch
+
+
 class _Declaration(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str = ""
     params: dict[str, ParamSpec] = Field(default_factory=dict)
+    vram: VramHint | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ class Workflow:
     prompt: Mapping[str, Any]
     params: Mapping[str, ParamSpec]
     path: Path
+    vram: VramHint | None = None
 
     def param_for(self, node: str, input_name: str) -> str | None:
         """The parameter bound to a node input, to name it in ComfyUI's validation errors."""
@@ -172,7 +180,7 @@ def load_workflow(json_path: Path) -> Workflow:
                 raise WorkflowDefinitionError(f"{decl_path}: parameter {name!r} binds to {b}, a link, not a value")
         if spec.match_size is not None and spec.match_size not in declaration.params:
             raise WorkflowDefinitionError(f"{decl_path}: parameter {name!r} matches the size of unknown {spec.match_size!r}")
-    return Workflow(json_path.stem, declaration.description, prompt, declaration.params, json_path)
+    return Workflow(json_path.stem, declaration.description, prompt, declaration.params, json_path, declaration.vram)
 
 
 class WorkflowLibrary:
@@ -336,16 +344,13 @@ def _choice(spec: ParamSpec, value: Any, workflow: Workflow, combos: Combos) -> 
 def _image(value: Any) -> ImageInput:
     if isinstance(value, ImageInput):
         return value
-    if not isinstance(value, (bytes, bytearray)) or not value:
-        raise _Rejected("must be an image file" if value else "is an empty file")
+    if not isinstance(value, (bytes, bytearray)):
+        raise _Rejected("must be an image file")
     try:
-        with Image.open(io.BytesIO(value)) as im:
-            fmt, (width, height) = im.format or "?", im.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise _Rejected("is not an image (PNG, JPEG, WebP, ...)", "not_an_image") from None
-    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or not width or not height:
-        raise _Rejected(f"is {width}x{height}; each side must be 1..{MAX_IMAGE_SIDE}", "out_of_range")
-    return ImageInput(bytes(value), fmt, width, height)
+        info = probe_image(bytes(value))
+    except ValueError as exc:
+        raise _Rejected(str(exc), "not_an_image") from None
+    return ImageInput(bytes(value), info.format, info.width, info.height)
 
 
 def _size_mismatches(workflow: Workflow, values: Mapping[str, Any]) -> list[FieldError]:

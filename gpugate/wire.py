@@ -1,0 +1,167 @@
+"""The protocol between agents and the router: JSON messages over one websocket per agent.
+
+Versioned (``WIRE_VERSION``, sent in ``hello``); typed with pydantic so each side validates what it
+receives in one place. Agent -> router: hello, heartbeat, pull (free slots), progress, done,
+failed. Router -> agent: welcome, job. Files travel over HTTP, content-addressed by sha256.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from .errors import (
+    ExecutionError,
+    FailureKind,
+    FieldError,
+    Interrupted,
+    InvalidRequest,
+    JobFailed,
+    JobTimeout,
+    OutOfMemory,
+    WorkerLost,
+)
+
+WIRE_VERSION = 1
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Device(_Message):
+    """A GPU (or, on a CPU-only host, the CPU with its RAM) and its memory in bytes."""
+
+    index: int
+    name: str
+    vram_total: int
+    vram_free: int
+
+
+class Model(_Message):
+    kind: str
+    name: str
+    size: int | None = None
+
+
+class Capability(_Message):
+    """Something the agent can run (a workflow, echo), with its memory estimate if it has one."""
+
+    name: str
+    model_kind: str | None = None  # the kind of model it loads, when it takes one
+    vram_base: int | None = None  # bytes on top of the model
+    vram_per_megapixel: int | None = None  # bytes per output megapixel (x batch)
+
+
+class Artifact(_Message):
+    """An output the agent uploaded; ``name`` is the router's content address (sha256 + extension)."""
+
+    name: str
+    file_name: str
+    media_type: str
+    size: int
+
+
+class Failure(_Message):
+    kind: FailureKind
+    message: str
+    node_id: str | None = None
+    node_type: str | None = None
+    errors: list[dict[str, str]] = Field(default_factory=list)  # field, message, code
+
+    @classmethod
+    def of(cls, exc: JobFailed) -> Failure:
+        return cls.model_validate(exc.to_dict())
+
+    def to_exception(self) -> JobFailed:
+        if self.kind is FailureKind.INVALID:
+            return InvalidRequest([FieldError(e["field"], e["message"], e.get("code", "invalid")) for e in self.errors]
+                                  or [FieldError("request", self.message)])
+        cls = _FAILURES[self.kind]
+        return cls(self.message, node_id=self.node_id, node_type=self.node_type)
+
+
+_FAILURES: dict[FailureKind, type[JobFailed]] = {
+    FailureKind.OUT_OF_MEMORY: OutOfMemory, FailureKind.EXECUTION: ExecutionError,
+    FailureKind.INTERRUPTED: Interrupted, FailureKind.WORKER_LOST: WorkerLost, FailureKind.TIMEOUT: JobTimeout,
+}
+
+
+# ---- agent -> router ------------------------------------------------------------------------------
+
+
+class Hello(_Message):
+    type: Literal["hello"] = "hello"
+    version: int = WIRE_VERSION
+    name: str
+    cpu_only: bool
+    devices: list[Device]
+    models: list[Model]
+    capabilities: list[Capability]
+    concurrency: int
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    devices: list[Device]
+    loaded: list[str] = Field(default_factory=list)  # model files in memory now
+    models: list[Model] | None = None  # sent when the inventory changed
+
+
+class Pull(_Message):
+    """The agent can take ``slots`` more jobs (on top of those already asked for)."""
+
+    type: Literal["pull"] = "pull"
+    slots: int
+
+
+class Progress(_Message):
+    type: Literal["progress"] = "progress"
+    job_id: int
+    attempt: int
+    step: int | None = None
+    total: int | None = None
+    node: str | None = None
+
+
+class Done(_Message):
+    type: Literal["done"] = "done"
+    job_id: int
+    attempt: int
+    artifacts: list[Artifact] = Field(default_factory=list)
+    texts: list[str] = Field(default_factory=list)
+
+
+class Failed(_Message):
+    type: Literal["failed"] = "failed"
+    job_id: int
+    attempt: int
+    failure: Failure
+
+
+AgentMessage = Annotated[Hello | Heartbeat | Pull | Progress | Done | Failed, Field(discriminator="type")]
+agent_message = TypeAdapter(AgentMessage)
+
+
+# ---- router -> agent ------------------------------------------------------------------------------
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    version: int = WIRE_VERSION
+
+
+class JobOffer(_Message):
+    """A job for the agent to run now; ``inputs`` maps parameter names to uploaded files' sha256."""
+
+    type: Literal["job"] = "job"
+    job_id: int
+    attempt: int
+    capability: str
+    params: dict[str, Any]
+    inputs: dict[str, str] = Field(default_factory=dict)
+
+
+RouterMessage = Annotated[Welcome | JobOffer, Field(discriminator="type")]
+router_message = TypeAdapter(RouterMessage)

@@ -1,0 +1,1 @@
+"""HTTP handlers, one module per family: public generation APIs, status and artifacts, agents."""

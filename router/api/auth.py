@@ -1,0 +1,38 @@
+"""Who may call what: client keys for the public API and artifacts, the agent token for /agent/.
+
+Every path but /health needs one: 401 without a valid credential, 403 for an API the key may not call.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from ..keys import authenticate, may_call
+from ..state import KEY, SETTINGS, STORE
+from .errors import ApiError
+
+OPEN = {"/health"}
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path in OPEN:
+        return await handler(request)
+    header = request.headers.get("Authorization")
+    if request.path.startswith("/agent/"):
+        token = request.app[SETTINGS].router.agent_token
+        given = header.removeprefix("Bearer ").strip() if header and header.startswith("Bearer ") else ""
+        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "Unauthorized", "agents must present the router's agent token")
+        request[KEY] = None
+        return await handler(request)
+    key = authenticate(request.app[STORE], header)
+    if key is None:
+        raise ApiError(401, "Unauthorized", "a valid API key is required: Authorization: Bearer <key>")
+    if request.path.startswith("/api/") and not may_call(key, request.path.removeprefix("/api/")):
+        raise ApiError(403, "Forbidden", f"this key may not call {request.path.removeprefix('/api/')}")
+    request[KEY] = key
+    return await handler(request)

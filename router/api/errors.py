@@ -1,0 +1,59 @@
+"""AI Server's error shape, and the one place domain errors become HTTP answers.
+
+``{"responseStatus": {"errorCode", "message", "errors": [{"errorCode", "fieldName", "message"}]}}``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gpugate.errors import FailureKind, FieldError
+
+# our field-error codes -> AI Server's (ServiceStack validator) names
+_CODES = {"required": "NotEmpty", "missing": "NotEmpty", "out_of_range": "InclusiveBetween",
+          "not_an_image": "InvalidImage", "not_installed": "NotFound", "unknown": "Unknown"}
+_FAILURE_CODES = {FailureKind.INVALID: "ValidationException", FailureKind.OUT_OF_MEMORY: "OutOfMemory",
+                  FailureKind.EXECUTION: "ExecutionError", FailureKind.INTERRUPTED: "Cancelled",
+                  FailureKind.WORKER_LOST: "WorkerLost", FailureKind.TIMEOUT: "Timeout"}
+
+
+class ApiError(Exception):
+    """An answer other than 200, in AI Server's shape."""
+
+    def __init__(self, status: int, code: str, message: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.errors = status, code, message, errors or []
+
+    def response(self) -> web.Response:
+        return web.json_response({"responseStatus": response_status(self.code, self.message, self.errors)},
+                                 status=self.status)
+
+
+def response_status(code: str, message: str, errors: list[FieldError] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    return {"errorCode": code, "message": message,
+            "errors": [{"errorCode": _CODES.get(e.code, e.code[:1].upper() + e.code[1:]), "fieldName": e.field,
+                        "message": e.message} for e in errors]}
+
+
+def invalid(errors: list[FieldError]) -> ApiError:
+    first = errors[0]
+    return ApiError(400, _CODES.get(first.code, "ValidationException"), f"{first.field}: {first.message}", errors)
+
+
+def failure_status(error: dict[str, Any], field_names: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """A failed job's stored error as (HTTP status, responseStatus); parameters renamed to API fields."""
+    kind = FailureKind(error.get("kind", FailureKind.EXECUTION))
+    errors = [FieldError(field_names.get(e["field"], e["field"]), e["message"], e.get("code", "invalid"))
+              for e in error.get("errors", [])]
+    message = "; ".join(f"{e.field}: {e.message}" for e in errors) or error.get("message", "failed")
+    return (400 if kind is FailureKind.INVALID else 500), response_status(_FAILURE_CODES[kind], message, errors)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()

@@ -1,0 +1,217 @@
+"""Public API requests: parsing (JSON or multipart, any key case) and validation, in one place.
+
+Each API is a pydantic model with AI Server's field names and limits, plus how it becomes a job:
+the agent capability, its parameters, uploaded files, the model file and the output size.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from aiohttp import BodyPartReader, web
+from pydantic import AliasGenerator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from gpugate.errors import FieldError
+from gpugate.images import ImageInfo, probe_image
+
+from ..catalog import Catalog
+from .errors import ApiError, invalid
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file part of a multipart request, checked to be an image."""
+
+    data: bytes
+    info: ImageInfo
+
+
+def _image_upload(value: Any) -> Upload:
+    if not isinstance(value, bytes):
+        raise ValueError("must be uploaded as a file (a multipart/form-data part)")
+    return Upload(value, probe_image(value))
+
+
+ImageFile = Annotated[Upload, BeforeValidator(_image_upload)]
+
+
+@dataclass
+class JobSpec:
+    """What a request asks an agent to do."""
+
+    capability: str
+    params: dict[str, Any]
+    files: dict[str, Upload]
+    model: str | None
+    megapixels: float
+
+
+class ApiRequest(BaseModel):
+    model_config = ConfigDict(alias_generator=AliasGenerator(validation_alias=to_camel), extra="ignore",
+                              arbitrary_types_allowed=True, populate_by_name=True)
+    results: ClassVar[str] = "artifacts"  # or "text"
+    # workflow parameter -> API field, to name fields in errors that come back from agents
+    field_names: ClassVar[dict[str, str]] = {}
+
+    ref_id: str | None = None
+    tag: str | None = None
+    reply_to: str | None = None
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        raise NotImplementedError
+
+
+def _model(catalog: Catalog, name: str | None, kind: str) -> str:
+    try:
+        file = catalog.resolve(name, kind)
+    except ValueError as exc:
+        raise invalid([FieldError("model", str(exc), "not_installed")]) from None
+    if file is None:
+        raise invalid([FieldError("model", "is required: no default model of this kind is configured", "required")])
+    return file
+
+
+def _present(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+Size = Annotated[int, Field(ge=64, le=2048, multiple_of=8)]
+Batch = Annotated[int, Field(ge=1, le=10)]
+Seed = Annotated[int, Field(ge=0, lt=2**64)]
+Denoise = Annotated[float, Field(ge=0, le=1)]
+_PROMPTS = {"prompt": "positivePrompt", "negative_prompt": "negativePrompt", "checkpoint": "model",
+            "batch_size": "batchSize"}
+
+
+class TextToImage(ApiRequest):
+    field_names: ClassVar[dict[str, str]] = _PROMPTS
+    positive_prompt: Annotated[str, Field(min_length=1)]
+    negative_prompt: str | None = None
+    width: Size = 512
+    height: Size = 512
+    batch_size: Batch = 1
+    model: str | None = None
+    seed: Seed | None = None
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        params = _present(prompt=self.positive_prompt, negative_prompt=self.negative_prompt, width=self.width,
+                          height=self.height, batch_size=self.batch_size, seed=self.seed,
+                          checkpoint=_model(catalog, self.model, "checkpoints"))
+        return JobSpec("txt2img", params, {}, params["checkpoint"], self.width * self.height * self.batch_size / 1e6)
+
+
+class ImageToImage(ApiRequest):
+    field_names: ClassVar[dict[str, str]] = _PROMPTS
+    image: ImageFile
+    positive_prompt: str | None = None
+    negative_prompt: str | None = None
+    model: str | None = None
+    denoise: Denoise | None = None
+    batch_size: Batch = 1
+    seed: Seed | None = None
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        params = _present(prompt=self.positive_prompt, negative_prompt=self.negative_prompt, denoise=self.denoise,
+                          batch_size=self.batch_size, seed=self.seed, checkpoint=_model(catalog, self.model, "checkpoints"))
+        info = self.image.info
+        return JobSpec("img2img", params, {"image": self.image}, params["checkpoint"],
+                       info.width * info.height * self.batch_size / 1e6)
+
+
+class ImageWithMask(ApiRequest):
+    field_names: ClassVar[dict[str, str]] = _PROMPTS
+    image: ImageFile
+    mask: ImageFile
+    positive_prompt: str | None = None
+    negative_prompt: str | None = None
+    model: str | None = None
+    denoise: Denoise | None = None
+    seed: Seed | None = None
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        params = _present(prompt=self.positive_prompt, negative_prompt=self.negative_prompt, denoise=self.denoise,
+                          seed=self.seed, checkpoint=_model(catalog, self.model, "checkpoints"))
+        info = self.image.info
+        return JobSpec("inpaint", params, {"image": self.image, "mask": self.mask}, params["checkpoint"],
+                       info.width * info.height / 1e6)
+
+
+class ImageUpscale(ApiRequest):
+    image: ImageFile
+    model: str | None = None
+    seed: Seed | None = None  # accepted for compatibility; an upscale model has no randomness
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        upscaler = _model(catalog, self.model, "upscale_models")
+        info = self.image.info
+        return JobSpec("upscale", {"model": upscaler}, {"image": self.image}, upscaler, 4 * info.width * info.height / 1e6)
+
+
+class Echo(ApiRequest):
+    """A job that does nothing on the agent: measures the router and the link (bench/router.py)."""
+
+    results: ClassVar[str] = "text"
+    text: str = ""
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return JobSpec("echo", {"text": self.text}, {}, None, 0.0)
+
+
+GENERATION_APIS: dict[str, type[ApiRequest]] = {
+    cls.__name__: cls for cls in (TextToImage, ImageToImage, ImageWithMask, ImageUpscale)}
+
+
+async def read_fields(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    """The request's fields from JSON, a form or multipart (file parts as bytes), or the query."""
+    if request.content_type == "multipart/form-data":
+        fields: dict[str, Any] = {}
+        reader = await request.multipart()
+        async for part in reader:
+            if not isinstance(part, BodyPartReader) or part.name is None:
+                continue
+            data = await part.read(decode=False)
+            if len(data) > max_bytes:
+                raise ApiError(413, "RequestEntityTooLarge", f"{part.name}: larger than {max_bytes // 2**20} MB")
+            fields[part.name] = bytes(data) if part.filename is not None else data.decode("utf-8", "replace")
+        return fields
+    if request.content_type == "application/x-www-form-urlencoded":
+        return dict(await request.post())
+    if request.body_exists:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "SerializationException", "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "SerializationException", "the body must be a JSON object")
+        return body
+    return dict(request.query)
+
+
+def parse(model: type[ApiRequest], fields: dict[str, Any]) -> ApiRequest:
+    """Validate fields (any key case) against an API's model; 400 with one entry per bad field."""
+    names = {}
+    for name, info in model.model_fields.items():
+        for alias in (name, to_camel(name), info.validation_alias if isinstance(info.validation_alias, str) else name):
+            names[alias.lower()] = name
+    data = {names.get(k.lower(), k): v for k, v in fields.items()}
+    try:
+        parsed = model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid([_field_error(e) for e in exc.errors()]) from None
+    if parsed.ref_id is None:
+        parsed.ref_id = uuid.uuid4().hex
+    return parsed
+
+
+def _field_error(error: Any) -> FieldError:
+    field = to_camel(str(error["loc"][0])) if error["loc"] else "request"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    code = {"missing": "required", "greater_than_equal": "out_of_range", "less_than_equal": "out_of_range",
+            "less_than": "out_of_range", "multiple_of": "out_of_range", "string_too_short": "required"}.get(error["type"],
+                                                                                                         "invalid")
+    if error["type"] == "value_error" and "image" in message:
+        code = "not_an_image"
+    return FieldError(field, message, code)

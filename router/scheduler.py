@@ -1,0 +1,84 @@
+"""Which agent gets a job: a pure decision over what the agents reported.
+
+A job goes only to an agent that can run its capability, has its model, and has enough free VRAM
+for it (after an out-of-memory failure: more than the agent that failed had). Among those with a
+free slot, prefer one that already has the model loaded (no swap), then the most free VRAM, then
+the fewest running jobs. When none fits, the answer says why, in words a client can read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from gpugate.wire import Capability
+
+GB = 1024**3
+DEFAULT_VRAM_BASE = GB // 2  # activations, text encoders' scratch, CUDA context
+DEFAULT_VRAM_PER_MEGAPIXEL = GB  # an SD1.5-class UNet + VAE decode, per output megapixel
+MODEL_OVERHEAD = 1.2  # weights in memory take a little more than the file
+
+
+@dataclass(frozen=True)
+class AgentView:
+    name: str
+    capabilities: Mapping[str, Capability]
+    models: Mapping[tuple[str, str], int | None]  # (kind, file name) -> bytes
+    free_vram: int  # the most free on any one of its devices
+    loaded: frozenset[str] = frozenset()
+    running: int = 0
+    slots: int = 0  # jobs it asked for and has not been sent
+
+
+@dataclass(frozen=True)
+class JobNeeds:
+    capability: str
+    model: str | None = None  # a model file of the capability's model_kind
+    megapixels: float = 0.0  # output pixels x batch, in millions
+    min_free_vram: int = 0  # after an out-of-memory failure: the agent must have more than this
+    excluded: frozenset[str] = field(default_factory=frozenset)  # agents that lost this job before
+
+
+@dataclass(frozen=True)
+class Unplaceable:
+    reason: str
+    busy: bool = False  # capable agents exist, all slots taken: not worth telling the client about
+
+
+def vram_needed(job: JobNeeds, capability: Capability, model_size: int | None) -> int:
+    """Bytes a job needs: the model's weights plus what its output size takes (overridable per workflow)."""
+    base = DEFAULT_VRAM_BASE if capability.vram_base is None else capability.vram_base
+    per_mp = DEFAULT_VRAM_PER_MEGAPIXEL if capability.vram_per_megapixel is None else capability.vram_per_megapixel
+    return int((model_size or 0) * MODEL_OVERHEAD + base + per_mp * job.megapixels)
+
+
+def choose(job: JobNeeds, agents: Iterable[AgentView]) -> AgentView | Unplaceable:
+    pool = [a for a in agents if a.name not in job.excluded]
+    if not pool:
+        return Unplaceable("no agent is connected" if not job.excluded else "no other agent is connected")
+    able = [a for a in pool if job.capability in a.capabilities]
+    if not able:
+        return Unplaceable(f"no agent can run {job.capability}")
+    if job.model is not None:
+        able = [a for a in able if (_kind(a, job), job.model) in a.models]
+        if not able:
+            return Unplaceable(f"no agent has model {job.model}")
+    needs = {a.name: _need(job, a) for a in able}
+    fits = [a for a in able if a.free_vram >= needs[a.name] and a.free_vram > job.min_free_vram]
+    if not fits:
+        most = max(a.free_vram for a in able)
+        need = max(min(needs.values()), job.min_free_vram + 1)
+        return Unplaceable(f"needs about {need / GB:.1f} GB VRAM, the most free is {most / GB:.1f} GB")
+    ready = [a for a in fits if a.slots > 0]
+    if not ready:
+        return Unplaceable(f"waiting for a free agent ({len(fits)} able, all busy)", busy=True)
+    return min(ready, key=lambda a: (job.model not in a.loaded, -a.free_vram, a.running, a.name))
+
+
+def _kind(agent: AgentView, job: JobNeeds) -> str:
+    return agent.capabilities[job.capability].model_kind or "checkpoints"
+
+
+def _need(job: JobNeeds, agent: AgentView) -> int:
+    size = agent.models.get((_kind(agent, job), job.model)) if job.model else None
+    return vram_needed(job, agent.capabilities[job.capability], size)

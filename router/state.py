@@ -1,0 +1,23 @@
+"""Typed keys for what the router's app shares between handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gpugate.settings import Settings
+
+from .agents import AgentRegistry
+from .artifacts import ArtifactStore
+from .catalog import Catalog
+from .queue import JobQueue
+from .store import Key, Store
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)  # type: ignore[type-abstract]
+QUEUE = web.AppKey("queue", JobQueue)
+AGENTS = web.AppKey("agents", AgentRegistry)
+ARTIFACTS = web.AppKey("artifacts", ArtifactStore)
+CATALOG = web.AppKey("catalog", Catalog)
+KEY = "gpugate.key"  # request-scoped: the caller's Key (None for agents)
+
+__all__ = ["SETTINGS", "STORE", "QUEUE", "AGENTS", "ARTIFACTS", "CATALOG", "KEY", "Key"]

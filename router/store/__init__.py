@@ -1,0 +1,79 @@
+"""The router's durable state behind a narrow interface: jobs and API keys.
+
+Only :mod:`router.queue` (jobs) and :mod:`router.keys` (keys) call it. Every state change of a job
+is one conditional statement (``WHERE state = ... AND attempt = ...``), so a claim is atomic and
+a late answer from an agent that lost its claim changes nothing. :mod:`.sqlite` is the default
+backend; another (PostgreSQL) implements the same protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class JobState:
+    """AI Server's job states (``jobState`` on the wire)."""
+
+    QUEUED = "Queued"
+    STARTED = "Started"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+    FINISHED = (COMPLETED, FAILED, CANCELLED)
+
+
+@dataclass
+class Job:
+    id: int
+    api: str  # the public API it came through: TextToImage, ...
+    capability: str  # what an agent runs: txt2img, ...
+    params: dict[str, Any]
+    inputs: dict[str, str]  # parameter -> sha256 of an uploaded file
+    model: str | None
+    megapixels: float
+    max_attempts: int
+    key_id: int | None = None
+    ref_id: str | None = None
+    tag: str | None = None
+    reply_to: str | None = None
+    state: str = JobState.QUEUED
+    attempt: int = 0
+    agent: str | None = None
+    excluded: list[str] = field(default_factory=list)
+    min_free_vram: int = 0
+    results: dict[str, Any] | None = None  # {"artifacts": [...], "texts": [...]}
+    error: dict[str, Any] | None = None
+    created: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+
+
+@dataclass(frozen=True)
+class Key:
+    id: int
+    name: str
+    prefix: str  # the first characters, to recognise a key in listings
+    apis: tuple[str, ...] | None  # None: every API
+    admin: bool
+    created: float
+    revoked: bool
+
+
+class DuplicateRefId(Exception):
+    """A key used a refId it already used."""
+
+
+class Store(Protocol):
+    def add_job(self, job: Job) -> Job: ...
+    def get_job(self, job_id: int) -> Job | None: ...
+    def get_job_by_ref(self, key_id: int | None, ref_id: str) -> Job | None: ...
+    def unfinished_jobs(self) -> list[Job]: ...
+    def claim(self, job_id: int, agent: str, attempt: int, now: float) -> bool: ...
+    def requeue(self, job: Job, now: float) -> bool: ...
+    def finish(self, job: Job, now: float) -> bool: ...
+    def add_key(self, name: str, digest: str, prefix: str, apis: tuple[str, ...] | None, admin: bool, now: float) -> Key: ...
+    def key_by_digest(self, digest: str) -> Key | None: ...
+    def list_keys(self) -> list[Key]: ...
+    def revoke_key(self, key_id: int) -> bool: ...
+    def close(self) -> None: ...
