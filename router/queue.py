@@ -116,8 +116,8 @@ class JobQueue:
         if job.state == JobState.STARTED:
             p = self.progress.get(job.id)
             if p is not None and p.total:
-                return f"running on {job.agent}: step {p.step}/{p.total}" + (f" (node {p.node})" if p.node else "")
-            return f"running on {job.agent}"
+                return f"running on {job.agent}: {p.node or 'step'} {p.step}/{p.total}"
+            return f"running on {job.agent}" + (f": {p.node}" if p is not None and p.node else "")
         if job.error:
             return str(job.error.get("message", job.state))
         return job.state

@@ -18,6 +18,6 @@ QUEUE = web.AppKey("queue", JobQueue)
 AGENTS = web.AppKey("agents", AgentRegistry)
 ARTIFACTS = web.AppKey("artifacts", ArtifactStore)
 CATALOG = web.AppKey("catalog", Catalog)
-KEY = "gpugate.key"  # request-scoped: the caller's Key (None for agents)
+KEY = web.RequestKey("key", Key | None)  # the caller's API key (None for agents)
 
 __all__ = ["SETTINGS", "STORE", "QUEUE", "AGENTS", "ARTIFACTS", "CATALOG", "KEY", "Key"]

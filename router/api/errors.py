@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +18,9 @@ _CODES = {"required": "NotEmpty", "missing": "NotEmpty", "out_of_range": "Inclus
 _FAILURE_CODES = {FailureKind.INVALID: "ValidationException", FailureKind.OUT_OF_MEMORY: "OutOfMemory",
                   FailureKind.EXECUTION: "ExecutionError", FailureKind.INTERRUPTED: "Cancelled",
                   FailureKind.WORKER_LOST: "WorkerLost", FailureKind.TIMEOUT: "Timeout"}
+
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -57,3 +61,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return await handler(request)
     except ApiError as exc:
         return exc.response()
+    except web.HTTPException as exc:  # aiohttp's own (404 for unknown paths, 405, 413 ...)
+        if exc.status < 400:
+            raise
+        return ApiError(exc.status, exc.reason.replace(" ", ""), exc.reason).response()
+    except Exception:
+        log.exception("request failed", extra={"path": request.path})
+        return ApiError(500, "InternalServerError", "the router failed to handle this request").response()

@@ -1,0 +1,321 @@
+"""A real router and real agents (each a `gpugate agent` process with its own ComfyUI) on loopback.
+
+The agents report small, different VRAM figures (agent.gpus in their settings) and have different
+model files, so the scheduling rules run for real on a CPU-only machine:
+
+    agent   free VRAM   checkpoints
+    a       1.8 GB      model-x, shared
+    b       2.0 GB      model-y, shared
+    c       4.0 GB      shared, model-z      (joins late, in the test that needs it)
+
+Their txt2img declares 40 GB per output megapixel (a workflow's own VRAM estimate), so by the
+router's estimate a 64x64 job needs about 1.2 GB, 128x128 about 1.7 GB, and 64x64 x10 about
+2.7 GB: too big for a and b, and still cheap to run on a CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from agent.comfy.launch import free_port
+from gpugate.settings import PROJECT_ROOT, Settings, load_settings
+from router.app import create_app
+from router.keys import create_key
+from router.main import router_url
+from router.state import AGENTS, STORE
+from tests.conftest import CACHE, png
+from tests.model_fixtures import CHECKPOINT, UPSCALER
+
+TOKEN = "agent-token-for-tests"
+SMALL = {"width": 64, "height": 64}
+
+
+class Router:
+    """The router app on a fixed loopback port; can be stopped and started again on the same data."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = router_url(settings)
+        self.runner: Any = None
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        self.app = create_app(self.settings)
+        self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=1)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.settings.router.port).start()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def wait_for_agents(self, *names: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not set(names) <= set(self.app[AGENTS].agents):
+            assert time.monotonic() < deadline, f"agents {names} did not join"
+            await asyncio.sleep(0.2)
+
+
+class Agents:
+    """`gpugate agent` processes, stopped by PID at the end."""
+
+    def __init__(self, root: Path, url: str) -> None:
+        self.root, self.url = root, url
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.workflows = root / "workflows"
+        shutil.copytree(PROJECT_ROOT / "workflows", self.workflows)
+        with open(self.workflows / "txt2img.toml", "a") as declaration:
+            declaration.write("\n[vram]\nper_megapixel_gb = 40\n")
+
+    def start(self, name: str, free_gb: float, checkpoints: list[str], **env: str) -> None:
+        models = self.root / name / "models"
+        (models / "checkpoints").mkdir(parents=True)
+        (models / "upscale_models").mkdir()
+        for file in checkpoints:
+            (models / "checkpoints" / file).symlink_to(CACHE / CHECKPOINT)
+        (models / "upscale_models" / UPSCALER).symlink_to(CACHE / UPSCALER)
+        env = {**os.environ, "GPUGATE_AGENT__NAME": name, "GPUGATE_AGENT__ROUTER_URL": self.url,
+               "GPUGATE_AGENT__TOKEN": TOKEN, "GPUGATE_AGENT__HEARTBEAT_S": "1",
+               "GPUGATE_AGENT__GPUS": json.dumps([{"name": "test GPU", "vram_total_gb": 8, "vram_free_gb": free_gb}]),
+               "GPUGATE_COMFY__DEVICE": "cpu", "GPUGATE_PATHS__MODELS_DIR": str(models),
+               "GPUGATE_WORKFLOWS__DIRS": json.dumps([str(self.workflows)]),
+               "GPUGATE_PATHS__DATA_DIR": str(self.root / name / "data"), **env}
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "gpugate.cli", "agent"], cwd=PROJECT_ROOT,
+                                            env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def kill(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def router_settings(tmp_path_factory: pytest.TempPathFactory, fixture_models: Path) -> Settings:
+    data = tmp_path_factory.mktemp("router")
+    catalog = data / "catalog.toml"
+    catalog.write_text('[models.tiny]\nkind = "checkpoints"\nfile = "shared.safetensors"\ndefault = true\n'
+                       f'[models.upscaler]\nkind = "upscale_models"\nfile = "{UPSCALER}"\ndefault = true\n')
+    return load_settings(environ={
+        "GPUGATE_PATHS__DATA_DIR": str(data), "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")),
+        "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__CATALOG": str(catalog),
+        "GPUGATE_ROUTER__SYNC_TIMEOUT_S": "120", "GPUGATE_ROUTER__HEARTBEAT_TIMEOUT_S": "6",
+        "GPUGATE_ROUTER__ECHO_API": "true",
+    })
+
+
+@pytest.fixture(scope="module")
+async def router(router_settings: Settings) -> AsyncIterator[Router]:
+    server = Router(router_settings)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+def keys(router: Router) -> dict[str, str]:
+    store = router.app[STORE]
+    return {"admin": create_key(store, "admin", admin=True).token,
+            "upscale_only": create_key(store, "limited", apis=("ImageUpscale",)).token}
+
+
+@pytest.fixture(scope="module")
+def agent_procs(router: Router, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agents]:
+    agents = Agents(tmp_path_factory.mktemp("agents"), router.url)
+    yield agents
+    agents.stop_all()
+
+
+@pytest.fixture(scope="module")
+async def agents_ab(router: Router, agent_procs: Agents, keys: dict[str, str]) -> Agents:
+    """Agent a joins and runs a job on `shared` (so it has it loaded); then agent b joins."""
+    agent_procs.start("a", 1.8, ["model-x.safetensors", "shared.safetensors"])
+    await router.wait_for_agents("a")
+    answer = await call(router, keys["admin"], "TextToImage", {"positivePrompt": "warm up", **SMALL})
+    assert answer["results"][0]["provider"] == "a"
+    agent_procs.start("b", 2.0, ["model-y.safetensors", "shared.safetensors"])
+    await router.wait_for_agents("a", "b")
+    await asyncio.sleep(1.5)  # a heartbeat reports what a has loaded
+    return agent_procs
+
+
+async def call(router: Router, key: str | None, api: str, body: dict[str, Any] | aiohttp.FormData,
+               status: int = 200) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as http:
+        kwargs = {"data": body} if isinstance(body, aiohttp.FormData) else {"json": body}
+        async with http.post(f"{router.url}/api/{api}", headers=headers, **kwargs) as r:
+            answer = await r.json()
+            assert r.status == status, answer
+            return answer
+
+
+async def status(router: Router, key: str, **query: Any) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{router.url}/api/GetArtifactGenerationStatus", params=query,
+                            headers={"Authorization": f"Bearer {key}"}) as r:
+            return await r.json()
+
+
+async def until(router: Router, key: str, job_id: int, predicate, timeout: float = 180) -> dict[str, Any]:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = await status(router, key, jobId=job_id)
+        if predicate(answer):
+            return answer
+        assert time.monotonic() < deadline, f"job {job_id} never got there: {answer}"
+        await asyncio.sleep(0.1)
+
+
+def finished(answer: dict[str, Any]) -> bool:
+    return answer["jobState"] in ("Completed", "Failed", "Cancelled")
+
+
+# ---- API contract ----------------------------------------------------------------------------------
+
+
+async def test_keys_are_required_and_limited(router: Router, keys: dict[str, str]) -> None:
+    none = await call(router, None, "TextToImage", {"positivePrompt": "x"}, status=401)
+    assert none["responseStatus"]["errorCode"] == "Unauthorized"
+    wrong = await call(router, "gg_not-a-real-key", "TextToImage", {"positivePrompt": "x"}, status=401)
+    assert wrong["responseStatus"]["errorCode"] == "Unauthorized"
+    limited = await call(router, keys["upscale_only"], "QueueTextToImage", {"positivePrompt": "x"}, status=403)
+    assert limited["responseStatus"] == {"errorCode": "Forbidden", "message": "this key may not call QueueTextToImage",
+                                         "errors": []}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{router.url}/health") as r:
+            assert r.status == 200
+        async with http.get(f"{router.url}/artifacts/{'0' * 64}.png") as r:
+            assert r.status == 401
+
+
+async def test_bad_requests_get_ai_servers_error_shape(router: Router, keys: dict[str, str]) -> None:
+    answer = await call(router, keys["admin"], "TextToImage", {"width": 4000, "batchSize": 0}, status=400)
+    errors = {e["fieldName"]: e for e in answer["responseStatus"]["errors"]}
+    assert set(errors) == {"positivePrompt", "width", "batchSize"}
+    assert errors["positivePrompt"]["errorCode"] == "NotEmpty"
+    assert errors["width"] == {"errorCode": "InclusiveBetween", "fieldName": "width",
+                               "message": "Input should be less than or equal to 2048"}
+    unknown = await call(router, keys["admin"], "TextToImage", {"positivePrompt": "x", "model": "nope"}, status=400)
+    assert unknown["responseStatus"]["errors"][0]["fieldName"] == "model"
+
+
+async def test_an_upload_that_is_not_an_image_is_refused(router: Router, keys: dict[str, str]) -> None:
+    form = aiohttp.FormData()
+    form.add_field("image", b"%PDF-1.4 not an image", filename="doc.png", content_type="image/png")
+    answer = await call(router, keys["upscale_only"], "ImageUpscale", form, status=400)
+    assert answer["responseStatus"]["errors"] == [
+        {"errorCode": "InvalidImage", "fieldName": "image", "message": "is not an image (PNG, JPEG, WebP, ...)"}]
+    text = await call(router, keys["upscale_only"], "ImageUpscale", {"image": "aGVsbG8="}, status=400)
+    assert "multipart/form-data" in text["responseStatus"]["errors"][0]["message"]
+
+
+async def test_an_agent_without_comfyui_serves_echo_jobs(router: Router, agent_procs: Agents, keys: dict[str, str]) -> None:
+    agent_procs.start("echo", 1.0, [], GPUGATE_COMFY__MODE="off", GPUGATE_AGENT__ECHO="true",
+                      GPUGATE_AGENT__CONCURRENCY="4")
+    await router.wait_for_agents("echo", timeout=30)
+    answer = await call(router, keys["admin"], "Echo", {"text": "hello"})
+    assert answer == {"results": [{"text": "hello"}], "responseStatus": None}
+    queued = await call(router, keys["admin"], "QueueEcho", {"text": "again"})
+    assert queued["statusUrl"].endswith(f"/api/GetTextGenerationStatus?jobId={queued['jobId']}")
+    done = await until(router, keys["admin"], queued["jobId"], finished)
+    assert done["results"] == [{"text": "again"}]
+
+
+# ---- scheduling -------------------------------------------------------------------------------------
+
+
+async def test_a_job_goes_to_the_agent_that_has_its_model(router: Router, agents_ab: Agents, keys: dict[str, str]) -> None:
+    for model, agent in (("model-x.safetensors", "a"), ("model-y.safetensors", "b")):
+        answer = await call(router, keys["admin"], "TextToImage", {"positivePrompt": "x", "model": model, **SMALL})
+        assert answer["results"][0]["provider"] == agent
+
+
+async def test_jobs_for_a_loaded_model_go_where_it_is_loaded(router: Router, agents_ab: Agents, keys: dict[str, str]) -> None:
+    # b has more free VRAM, but a has `shared` loaded: a wins
+    answer = await call(router, keys["admin"], "TextToImage", {"positivePrompt": "x", "model": "tiny", **SMALL})
+    assert answer["results"][0]["provider"] == "a"
+
+
+async def test_sync_queued_and_ref_id_calls(router: Router, agents_ab: Agents, keys: dict[str, str]) -> None:
+    key = keys["admin"]
+    queued = await call(router, key, "QueueTextToImage", {"positivePrompt": "x", "refId": "my-ref-1", "batchSize": 2, **SMALL})
+    assert queued["refId"] == "my-ref-1" and queued["jobState"] == "Queued"
+    assert queued["statusUrl"].endswith(f"/api/GetArtifactGenerationStatus?jobId={queued['jobId']}")
+    done = await until(router, key, queued["jobId"], finished)
+    by_ref = await status(router, key, refId="my-ref-1")
+    assert done["jobState"] == by_ref["jobState"] == "Completed" and by_ref["jobId"] == queued["jobId"]
+    assert len(done["results"]) == 2
+    again = await call(router, key, "QueueTextToImage", {"positivePrompt": "x", "refId": "my-ref-1", **SMALL})
+    assert again["jobId"] == queued["jobId"], "a retried request with the same refId is the same job"
+
+    form = aiohttp.FormData()
+    form.add_field("image", png(24, 16), filename="in.png", content_type="image/png")
+    upscaled = await call(router, keys["upscale_only"], "ImageUpscale", form)
+    async with aiohttp.ClientSession() as http:
+        url = upscaled["results"][0]["url"]
+        async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as r:
+            assert Image.open(io.BytesIO(await r.read())).size == (48, 32)
+    assert (await status(router, keys["upscale_only"], jobId=queued["jobId"]))["responseStatus"]["errorCode"] == "NotFound"
+
+
+async def test_unplaceable_jobs_wait_with_a_reason_survive_a_restart_and_run_when_a_capable_agent_joins(
+        router: Router, agents_ab: Agents, keys: dict[str, str]) -> None:
+    key = keys["admin"]
+    big = await call(router, key, "QueueTextToImage", {"positivePrompt": "big", **SMALL, "batchSize": 10})
+    z = await call(router, key, "QueueTextToImage", {"positivePrompt": "z", "model": "model-z.safetensors", **SMALL})
+    big_status = await until(router, key, big["jobId"], lambda s: s["status"] != "Queued", timeout=10)
+    assert big_status["jobState"] == "Queued"
+    assert big_status["status"] == "needs about 2.7 GB VRAM, the most free is 2.0 GB"
+    assert (await status(router, key, jobId=z["jobId"]))["status"] == "no agent has model model-z.safetensors"
+
+    await router.stop()  # a router restart with queued jobs loses none
+    await router.start()
+    for job in (big, z):
+        assert (await status(router, key, jobId=job["jobId"]))["jobState"] == "Queued"
+
+    agents_ab.start("c", 4.0, ["shared.safetensors", "model-z.safetensors"])
+    for job in (big, z):
+        answer = await until(router, key, job["jobId"], finished)
+        assert answer["jobState"] == "Completed" and answer["results"][0]["provider"] == "c"
+    assert len((await status(router, key, jobId=big["jobId"]))["results"]) == 10
+
+
+async def test_a_killed_agents_job_completes_on_another(router: Router, agents_ab: Agents, keys: dict[str, str]) -> None:
+    key = keys["admin"]
+    await router.wait_for_agents("a", "b", "c")
+    job = await call(router, key, "QueueTextToImage", {"positivePrompt": "long", "model": "tiny", "width": 128,
+                                                        "height": 128, "refId": "long-one"})
+    running = await until(router, key, job["jobId"], lambda s: s["jobState"] != "Queued")
+    assert running["jobState"] == "Started", running  # on its agent now: kill that agent mid-job
+    victim = running["status"].split()[2].rstrip(":")
+    agents_ab.kill(victim)
+    done = await until(router, key, job["jobId"], finished)
+    assert done["jobState"] == "Completed", done
+    assert done["results"][0]["provider"] not in (victim,)
