@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench.overhead
+	$(BIN)/python -m bench.router
 
 clean:
 	rm -rf $(VENV) vendor data *.egg-info

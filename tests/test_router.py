@@ -285,6 +285,30 @@ async def test_sync_queued_and_ref_id_calls(router: Router, agents_ab: Agents, k
     assert (await status(router, keys["upscale_only"], jobId=queued["jobId"]))["responseStatus"]["errorCode"] == "NotFound"
 
 
+async def test_image_to_image_and_image_with_mask(router: Router, agents_ab: Agents, keys: dict[str, str]) -> None:
+    form = aiohttp.FormData()
+    form.add_field("image", png(80, 64), filename="in.png", content_type="image/png")
+    form.add_field("positivePrompt", "watercolour")
+    form.add_field("batchSize", "2")
+    form.add_field("model", "tiny")
+    answer = await call(router, keys["admin"], "ImageToImage", form)
+    assert len(answer["results"]) == 2
+    masked = aiohttp.FormData()
+    masked.add_field("image", png(64, 64), filename="in.png", content_type="image/png")
+    masked.add_field("mask", png(64, 64, (255, 255, 255)), filename="mask.png", content_type="image/png")
+    masked.add_field("PositivePrompt", "a door")  # any case is accepted
+    answer = await call(router, keys["admin"], "ImageWithMask", masked)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(answer["results"][0]["url"], headers={"Authorization": f"Bearer {keys['admin']}"}) as r:
+            assert Image.open(io.BytesIO(await r.read())).size == (64, 64)
+    mismatch = aiohttp.FormData()
+    mismatch.add_field("image", png(64, 64), filename="in.png", content_type="image/png")
+    mismatch.add_field("mask", png(32, 32), filename="mask.png", content_type="image/png")
+    refused = await call(router, keys["admin"], "ImageWithMask", mismatch, status=400)
+    assert refused["responseStatus"]["errors"][0]["fieldName"] == "mask"
+    assert "must be the same size as image (64x64), got 32x32" in refused["responseStatus"]["message"]
+
+
 async def test_unplaceable_jobs_wait_with_a_reason_survive_a_restart_and_run_when_a_capable_agent_joins(
         router: Router, agents_ab: Agents, keys: dict[str, str]) -> None:
     key = keys["admin"]

@@ -1,0 +1,65 @@
+"""`gpugate up` (what `make run` starts) and `gpugate keys`, as a person runs them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from agent.comfy.launch import free_port
+from gpugate.settings import PROJECT_ROOT
+from tests.model_fixtures import CHECKPOINT
+
+
+def gpugate_env(tmp_path: Path, models_dir: Path) -> dict[str, str]:
+    return {**os.environ, "GPUGATE_PATHS__DATA_DIR": str(tmp_path / "data"), "GPUGATE_PATHS__MODELS_DIR": str(models_dir),
+            "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")), "GPUGATE_COMFY__DEVICE": "cpu"}
+
+
+async def test_up_serves_the_api_with_a_local_agent_until_stopped(tmp_path: Path, models_dir: Path) -> None:
+    env = gpugate_env(tmp_path, models_dir)
+    up = subprocess.Popen([sys.executable, "-m", "gpugate.cli", "up"], cwd=PROJECT_ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        lines = []
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line)
+            if "joined router" in line:
+                break
+        text = "".join(lines)
+        url = re.search(r"gpugate router: (http://127\.0\.0\.1:\d+)", text).group(1)  # type: ignore[union-attr]
+        key = re.search(r"admin key: (gg_\S+)", text).group(1)  # type: ignore[union-attr]
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/api/TextToImage", headers={"Authorization": f"Bearer {key}"},
+                                 json={"positivePrompt": "a lighthouse", "width": 64, "height": 64, "model": CHECKPOINT}) as r:
+                answer = await r.json()
+        assert r.status == 200 and len(answer["results"]) == 1, answer
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rest, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, rest
+    again = (tmp_path / "data" / "admin_key").read_text().strip()
+    assert again == key, "the admin key is kept for the next `gpugate up`"
+
+
+def test_keys_create_list_revoke(tmp_path: Path, models_dir: Path) -> None:
+    env = gpugate_env(tmp_path, models_dir)
+
+    def gpugate(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gpugate.cli", "keys", *args], cwd=PROJECT_ROOT, env=env,
+                              capture_output=True, text=True)
+
+    made = gpugate("create", "--name", "mobile app", "--apis", "TextToImage,ImageUpscale")
+    assert made.returncode == 0
+    key_id, token = re.match(r"key (\d+) \(TextToImage, ImageUpscale\): (gg_\S+)", made.stdout).groups()  # type: ignore[union-attr]
+    listed = gpugate("list").stdout
+    assert f"{token[:10]}..." in listed and "mobile app" in listed and token not in listed
+    assert gpugate("revoke", key_id).returncode == 0
+    assert "revoked" in gpugate("list").stdout
+    assert gpugate("revoke", key_id).returncode == 2
