@@ -11,17 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from .errors import (
-    ExecutionError,
-    FailureKind,
-    FieldError,
-    Interrupted,
-    InvalidRequest,
-    JobFailed,
-    JobTimeout,
-    OutOfMemory,
-    WorkerLost,
-)
+from .errors import FailureKind, JobFailed
 
 WIRE_VERSION = 1
 
@@ -73,19 +63,6 @@ class Failure(_Message):
     @classmethod
     def of(cls, exc: JobFailed) -> Failure:
         return cls.model_validate(exc.to_dict())
-
-    def to_exception(self) -> JobFailed:
-        if self.kind is FailureKind.INVALID:
-            return InvalidRequest([FieldError(e["field"], e["message"], e.get("code", "invalid")) for e in self.errors]
-                                  or [FieldError("request", self.message)])
-        cls = _FAILURES[self.kind]
-        return cls(self.message, node_id=self.node_id, node_type=self.node_type)
-
-
-_FAILURES: dict[FailureKind, type[JobFailed]] = {
-    FailureKind.OUT_OF_MEMORY: OutOfMemory, FailureKind.EXECUTION: ExecutionError,
-    FailureKind.INTERRUPTED: Interrupted, FailureKind.WORKER_LOST: WorkerLost, FailureKind.TIMEOUT: JobTimeout,
-}
 
 
 # ---- agent -> router ------------------------------------------------------------------------------

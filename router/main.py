@@ -13,7 +13,7 @@ from aiohttp import web
 from gpugate.settings import Settings
 
 from .app import create_app
-from .keys import create_key
+from .keys import authenticate, create_key
 from .store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ def local_secrets(settings: Settings) -> tuple[Settings, str]:
             return create_key(store, "admin (gpugate up)", admin=True).token
 
         admin = _read_or_make(data / "admin_key", new_admin)
-        from .keys import authenticate
-
         if authenticate(store, f"Bearer {admin}") is None:  # revoked meanwhile: make another
             (data / "admin_key").unlink()
             admin = _read_or_make(data / "admin_key", new_admin)

@@ -248,6 +248,30 @@ async def test_an_agent_without_comfyui_serves_echo_jobs(router: Router, agent_p
     assert done["results"] == [{"text": "again"}]
 
 
+async def test_a_silent_agents_job_goes_back_to_the_queue(router: Router, keys: dict[str, str]) -> None:
+    """Connected (its socket answers pings) but no heartbeat: after heartbeat_timeout_s it is lost."""
+    from gpugate.wire import Capability, Device, Hello, Model, Pull
+
+    hello = Hello(name="silent", cpu_only=False, devices=[Device(index=0, name="gpu", vram_total=8 * 2**30, vram_free=8 * 2**30)],
+                  models=[Model(kind="checkpoints", name="only-silent.safetensors", size=1)],
+                  capabilities=[Capability(name="txt2img", model_kind="checkpoints")], concurrency=1)
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{router.url}/agent/ws", headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+            await ws.send_str(hello.model_dump_json())
+            await ws.receive()  # welcome
+            await ws.send_str(Pull(slots=1).model_dump_json())
+            job = await call(router, keys["admin"], "QueueTextToImage",
+                             {"positivePrompt": "x", "model": "only-silent.safetensors", **SMALL})
+            offer = json.loads((await ws.receive()).data)
+            assert offer["type"] == "job" and offer["job_id"] == job["jobId"]
+            started = time.monotonic()
+            reading = asyncio.create_task(ws.receive())  # keeps answering pings: only heartbeats are missing
+            back = await until(router, keys["admin"], job["jobId"], lambda s: s["jobState"] == "Queued", timeout=30)
+            assert time.monotonic() - started >= router.settings.router.heartbeat_timeout_s - 2.5
+            await reading  # the router closed the connection
+    assert not back["status"].startswith("running"), back
+
+
 # ---- scheduling -------------------------------------------------------------------------------------
 
 

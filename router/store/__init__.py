@@ -20,7 +20,6 @@ class JobState:
     COMPLETED = "Completed"
     FAILED = "Failed"
     CANCELLED = "Cancelled"
-    FINISHED = (COMPLETED, FAILED, CANCELLED)
 
 
 @dataclass
