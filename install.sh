@@ -18,6 +18,16 @@ check_python() {
         echo "gpugate needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version 2>&1)" >&2; exit 1; }
 }
 
+install_ffmpeg() {
+    # The media runners call ffmpeg/ffprobe; Debian/Ubuntu's package is enough.
+    command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q ffmpeg >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q ffmpeg >/dev/null; }
+    else
+        echo "gpugate needs ffmpeg: install it (sudo apt-get install ffmpeg) and run this again" >&2; exit 1
+    fi
+}
+
 create_venv() {
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
@@ -34,6 +44,7 @@ provision_comfyui() {
 }
 
 check_python
+install_ffmpeg
 create_venv
 install_packages
 provision_comfyui

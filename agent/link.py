@@ -114,7 +114,8 @@ class RouterLink:
 
             result = await runner.run(offer.capability, f"{offer.job_id}-{offer.attempt}", params, progress)
             artifacts = [await self._upload(http, f.file_name, f.media_type, f.data) for f in result.files]
-            answer: Done | Failed = Done(job_id=offer.job_id, attempt=offer.attempt, artifacts=artifacts, texts=result.texts)
+            answer: Done | Failed = Done(job_id=offer.job_id, attempt=offer.attempt, artifacts=artifacts,
+                                         texts=result.texts, details=result.details)
             log.info("job done", extra={**extra, "files": len(artifacts)})
         except JobFailed as exc:
             answer = Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(exc))

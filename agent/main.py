@@ -17,23 +17,41 @@ from .link import RouterLink
 from .runners import Runner
 from .runners.comfy import ComfyRunner
 from .runners.echo import EchoRunner
+from .runners.media import MediaRunner
+from .runners.speech import PiperRunner, WhisperRunner
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
 async def runners(settings: Settings) -> AsyncIterator[list[Runner]]:
-    """The capabilities this agent offers, started, and stopped on exit."""
-    out: list[Runner] = [EchoRunner()] if settings.agent.echo else []
-    if settings.comfy.mode == "off":
-        yield out
-        return
-    async with ComfyEngine(settings) as engine:
-        workflows, problems = engine.library.scan()
-        for problem in problems:
-            log.error("workflow not loaded", extra={"problem": problem})
-        log.info("ComfyUI engine ready", extra={"comfyui": engine.url, "workflows": ",".join(w.name for w in workflows)})
-        yield [*out, ComfyRunner(engine)]
+    """The capabilities this agent offers (``agent.runners``), started, and stopped on exit.
+    Speech models are loaded while ComfyUI starts, so both are warm when the agent joins."""
+    chosen = settings.agent.runners
+    out: list[Runner] = [EchoRunner()] if "echo" in chosen else []
+    if "media" in chosen:
+        out.append(MediaRunner(settings))
+    warming = []
+    if "speech" in chosen:
+        speech = [WhisperRunner(settings), PiperRunner(settings)]
+        out += speech
+        warming = [asyncio.create_task(r.warm(), name=f"warm-{type(r).__name__}") for r in speech]
+    try:
+        if "comfy" not in chosen:
+            await asyncio.gather(*warming)
+            yield out
+            return
+        async with ComfyEngine(settings) as engine:
+            await asyncio.gather(*warming)
+            workflows, problems = engine.library.scan()
+            for problem in problems:
+                log.error("workflow not loaded", extra={"problem": problem})
+            log.info("ComfyUI engine ready", extra={"comfyui": engine.url, "workflows": ",".join(w.name for w in workflows)})
+            yield [*out, ComfyRunner(engine)]
+    finally:
+        for task in warming:
+            task.cancel()
+        await asyncio.gather(*warming, return_exceptions=True)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:

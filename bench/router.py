@@ -53,9 +53,10 @@ class Services:
         return {**os.environ, "GPUGATE_PATHS__DATA_DIR": str(self.tmp / "data"),
                 "GPUGATE_PATHS__MODELS_DIR": str(self.tmp / "models"), "GPUGATE_ROUTER__PORT": str(self.port),
                 "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__ECHO_API": "true",
-                "GPUGATE_AGENT__ROUTER_URL": self.url, "GPUGATE_AGENT__TOKEN": TOKEN, "GPUGATE_AGENT__ECHO": "true",
+                "GPUGATE_AGENT__ROUTER_URL": self.url, "GPUGATE_AGENT__TOKEN": TOKEN,
+                "GPUGATE_AGENT__RUNNERS": '["echo", "comfy"]' if self.comfy else '["echo"]',
                 "GPUGATE_AGENT__CONCURRENCY": "32" if not self.comfy else "1", "GPUGATE_COMFY__DEVICE": "cpu",
-                "GPUGATE_COMFY__MODE": "vendored" if self.comfy else "off", "GPUGATE_COMFY__PORT": str(self.comfy_port),
+                "GPUGATE_COMFY__PORT": str(self.comfy_port),
                 **extra}
 
     def gpugate(self, *args: str) -> subprocess.Popen[bytes]:

@@ -28,7 +28,9 @@ def probe_image(data: bytes) -> ImageInfo:
     try:
         with Image.open(io.BytesIO(data)) as im:
             info = ImageInfo(im.format or "?", *im.size)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"is too large ({exc})") from None
+    except (UnidentifiedImageError, OSError):
         raise ValueError("is not an image (PNG, JPEG, WebP, ...)") from None
     if not (0 < info.width <= MAX_IMAGE_SIDE and 0 < info.height <= MAX_IMAGE_SIDE):
         raise ValueError(f"is {info.width}x{info.height}; each side must be 1..{MAX_IMAGE_SIDE}")

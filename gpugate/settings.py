@@ -63,10 +63,9 @@ class Comfy(_Section):
     ``vendored``: the pinned copy under ``paths.vendor_dir`` (default). ``checkout``: an existing
     ComfyUI source tree at ``checkout_dir``, run with ``python`` (default: this interpreter).
     ``attach``: an already running ComfyUI at ``url``; it is not started, stopped or restarted.
-    ``off``: no ComfyUI (an agent that only runs other capabilities).
     """
 
-    mode: Literal["vendored", "checkout", "attach", "off"] = "vendored"
+    mode: Literal["vendored", "checkout", "attach"] = "vendored"
     checkout_dir: Path | None = None
     python: Path | None = None
     url: str | None = None
@@ -94,6 +93,23 @@ class Comfy(_Section):
     @classmethod
     def _resolve_all(cls, v: tuple[Path, ...]) -> tuple[Path, ...]:
         return tuple(_from_root(p) for p in v)
+
+
+class Speech(_Section):
+    """faster-whisper and Piper on the agent. Models come from models/whisper/<name>/ (CTranslate2)
+    and models/piper/<voice>.onnx, plus the packaged defaults below."""
+
+    whisper_model: str = "tiny.en"  # used when a request names none
+    piper_voice: str = "en_US-joe-medium"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA (float16) when there is a GPU, else CPU (int8)
+
+
+class Media(_Section):
+    """FFmpeg transforms on the agent, Pillow transforms on the router."""
+
+    timeout_s: float = 600.0  # per job: a runaway ffmpeg is killed after this
+    max_side: int = 8192  # pixels, for any requested or input width/height
+    max_duration_s: float = 4 * 3600.0
 
 
 class Router(_Section):
@@ -133,7 +149,8 @@ class Agent(_Section):
     concurrency: int = 1  # jobs at once; ComfyUI itself runs one prompt at a time
     heartbeat_s: float = 3.0
     gpus: tuple[GpuOverride, ...] | None = None  # report these instead of what NVML sees
-    echo: bool = False  # offer the echo capability (benchmarks)
+    # what this agent offers: comfy (the workflows), speech (whisper, piper), media (ffmpeg), echo (benchmarks)
+    runners: tuple[Literal["comfy", "speech", "media", "echo"], ...] = ("comfy", "speech", "media")
 
 
 class Settings(_Section):
@@ -142,6 +159,8 @@ class Settings(_Section):
     paths: Paths = Paths()
     workflows: Workflows = Workflows()
     comfy: Comfy = Comfy()
+    speech: Speech = Speech()
+    media: Media = Media()
     router: Router = Router()
     agent: Agent = Agent()
 

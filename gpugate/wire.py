@@ -108,6 +108,7 @@ class Done(_Message):
     attempt: int
     artifacts: list[Artifact] = Field(default_factory=list)
     texts: list[str] = Field(default_factory=list)
+    details: dict[str, Any] | None = None  # extras of the first text result (language, segments...)
 
 
 class Failed(_Message):

@@ -23,6 +23,8 @@ from .api.auth import auth_middleware
 from .api.errors import error_middleware
 from .artifacts import ArtifactStore
 from .catalog import Catalog
+from .local import NAME as LOCAL_WORKER
+from .local import local_worker
 from .queue import JobQueue
 from .state import AGENTS, ARTIFACTS, CATALOG, QUEUE, SETTINGS, STORE
 from .store import Store
@@ -45,7 +47,8 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "agents": len(request.app[AGENTS].agents)})
+    remote = [name for name in request.app[AGENTS].agents if name != LOCAL_WORKER]
+    return web.json_response({"status": "ok", "agents": len(remote)})
 
 
 def _store(given: Store | None):  # noqa: ANN202 - a cleanup context
@@ -64,7 +67,8 @@ async def _queue(app: web.Application) -> AsyncIterator[None]:
              asyncio.create_task(_watchdog(app), name="agent-watchdog")]
     for task in tasks:
         task.add_done_callback(_crash_if_failed)
-    yield
+    async with local_worker(app[AGENTS], queue, app[ARTIFACTS]):
+        yield
     for task in tasks:
         task.cancel()
     for task in tasks:

@@ -2,6 +2,7 @@
 
 A name in the catalog maps to its file; a name that is itself a file name (it has an extension)
 is used as is, so a model dropped into an agent's models/ is callable without a catalog entry.
+Speech models (whisper sizes, piper voices) are named, not files, and always pass through.
 Each kind may have a default, used when a request names no model.
 """
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpugate.errors import ConfigError
+
+NAMED_KINDS = ("whisper", "piper")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Catalog:
         entry = self.entries.get(name)
         if entry is not None and entry.kind == kind:
             return entry.file
-        if "." in name and "/" not in name:
+        if ("." in name or kind in NAMED_KINDS) and "/" not in name:
             return name
         known = ", ".join(e.name for e in self.entries.values() if e.kind == kind) or "none"
         raise ValueError(f"unknown model {name!r}; known: {known}")

@@ -157,7 +157,8 @@ class JobQueue:
         job = self._held_by(agent, message.job_id, message.attempt)
         if job is None:
             return
-        job.results = {"artifacts": [a.model_dump() for a in message.artifacts], "texts": message.texts}
+        job.results = {"artifacts": [a.model_dump() for a in message.artifacts], "texts": message.texts,
+                       "details": message.details}
         self._finish(agent, job, JobState.COMPLETED)
 
     def on_failed(self, agent: ConnectedAgent, message: Failed) -> None:

@@ -64,7 +64,7 @@ def choose(job: JobNeeds, agents: Iterable[AgentView]) -> AgentView | Unplaceabl
         if not able:
             return Unplaceable(f"no agent has model {job.model}")
     needs = {a.name: _need(job, a) for a in able}
-    fits = [a for a in able if a.free_vram >= needs[a.name] and a.free_vram > job.min_free_vram]
+    fits = [a for a in able if a.free_vram >= needs[a.name] and (not job.min_free_vram or a.free_vram > job.min_free_vram)]
     if not fits:
         most = max(a.free_vram for a in able)
         need = max(min(needs.values()), job.min_free_vram + 1)

@@ -21,6 +21,7 @@ class OutputFile:
 class RunResult:
     files: list[OutputFile] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    details: dict[str, Any] | None = None  # structured extras of a text result (language, segments...)
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from gpugate.errors import FieldError
 from ..store import DuplicateRefId, Job, JobState, Key
 from ..state import ARTIFACTS, CATALOG, KEY, QUEUE, SETTINGS
 from .errors import ApiError, failure_status, invalid
-from .requests import GENERATION_APIS, ApiRequest, Echo, parse, read_fields
+from .requests import APIS, ApiRequest, Echo, Upload, parse, read_fields
 
 STATUS_APIS = ("GetArtifactGenerationStatus", "GetTextGenerationStatus")
 
 
 def routes(echo: bool) -> list[web.RouteDef]:
-    apis = {**GENERATION_APIS, **({"Echo": Echo} if echo else {})}
+    apis = {**APIS, **({"Echo": Echo} if echo else {})}
     out = []
     for name, model in apis.items():
         out.append(web.post(f"/api/{name}", _generation(model, sync=True)))
@@ -49,7 +49,10 @@ def _generation(model: type[ApiRequest], *, sync: bool):  # noqa: ANN202 - an ai
 async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequest, key: Key) -> Job:
     app = request.app
     spec = parsed.job(app[CATALOG])
-    inputs = {name: await app[ARTIFACTS].put(upload.data, upload.info.extension) for name, upload in spec.files.items()}
+    inputs = {}
+    for name, file in spec.files.items():
+        data, ext = (file.data, file.info.extension) if isinstance(file, Upload) else (file, "")
+        inputs[name] = await app[ARTIFACTS].put(data, ext)
     job = Job(id=0, api=model.__name__, capability=spec.capability, params=spec.params, inputs=inputs,
               model=spec.model, megapixels=spec.megapixels, max_attempts=app[SETTINGS].router.max_attempts,
               key_id=key.id, ref_id=parsed.ref_id, tag=parsed.tag, reply_to=parsed.reply_to)
@@ -64,7 +67,8 @@ async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequ
 
 def _reference(request: web.Request, job: Job) -> dict[str, Any]:
     base = _base_url(request)
-    kind = "GetTextGenerationStatus" if job.api == "Echo" else "GetArtifactGenerationStatus"
+    model = APIS.get(job.api, Echo)
+    kind = "GetTextGenerationStatus" if model.results == "text" else "GetArtifactGenerationStatus"
     return {"jobId": job.id, "refId": job.ref_id, "jobState": job.state, "status": request.app[QUEUE].status_text(job),
             "statusUrl": f"{base}/api/{kind}?jobId={job.id}", "responseStatus": None}
 
@@ -82,7 +86,10 @@ def _results(request: web.Request, job: Job) -> list[dict[str, Any]]:
     base = _base_url(request)
     artifacts = [{"url": f"{base}/artifacts/{a['name']}", "fileName": a["name"], "provider": job.agent}
                  for a in job.results.get("artifacts", [])]
-    return artifacts + [{"text": t} for t in job.results.get("texts", [])]
+    texts = [{"text": t} for t in job.results.get("texts", [])]
+    if texts and job.results.get("details"):
+        texts[0].update(job.results["details"])
+    return artifacts + texts
 
 
 def _base_url(request: web.Request) -> str:
@@ -111,7 +118,7 @@ async def get_status(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"jobId": job.id, "refId": job.ref_id, "jobState": job.state,
                             "status": queue.status_text(job), "results": _results(request, job), "responseStatus": None}
     if job.state in (JobState.FAILED, JobState.CANCELLED):
-        model = GENERATION_APIS.get(job.api)
+        model = APIS.get(job.api)
         body["responseStatus"] = failure_status(job.error or {}, model.field_names if model else {})[1]
     return web.json_response(body)
 

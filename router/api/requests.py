@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from aiohttp import BodyPartReader, web
-from pydantic import AliasGenerator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    AliasGenerator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic.alias_generators import to_camel
 
 from gpugate.errors import FieldError
@@ -38,13 +48,25 @@ def _image_upload(value: Any) -> Upload:
 ImageFile = Annotated[Upload, BeforeValidator(_image_upload)]
 
 
+def _media_upload(value: Any) -> bytes:
+    """Audio or video: the agent probes it with ffmpeg; here only that it is a non-empty file."""
+    if not isinstance(value, bytes):
+        raise ValueError("must be uploaded as a file (a multipart/form-data part)")
+    if not value:
+        raise ValueError("is an empty file")
+    return value
+
+
+MediaFile = Annotated[bytes, BeforeValidator(_media_upload)]
+
+
 @dataclass
 class JobSpec:
     """What a request asks an agent to do."""
 
     capability: str
     params: dict[str, Any]
-    files: dict[str, Upload]
+    files: dict[str, Upload | bytes]
     model: str | None
     megapixels: float
 
@@ -160,8 +182,172 @@ class Echo(ApiRequest):
         return JobSpec("echo", {"text": self.text}, {}, None, 0.0)
 
 
-GENERATION_APIS: dict[str, type[ApiRequest]] = {
-    cls.__name__: cls for cls in (TextToImage, ImageToImage, ImageWithMask, ImageUpscale)}
+# ---- speech ------------------------------------------------------------------------------------
+
+
+class SpeechToText(ApiRequest):
+    results: ClassVar[str] = "text"
+    audio: MediaFile
+    model: str | None = None  # a whisper model: tiny.en, base, small, ...
+    language: str | None = None  # detected when not given
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        model = _model(catalog, self.model, "whisper")
+        return JobSpec("speech-to-text", _present(model=model, language=self.language), {"audio": self.audio}, model, 0.0)
+
+
+class TextToSpeech(ApiRequest):
+    input: Annotated[str, Field(min_length=1, max_length=20000,
+                                validation_alias=AliasChoices("input", "text"))]  # `text` on QueueTextToSpeech
+    model: str | None = None  # a piper voice
+    seed: Seed | None = None  # accepted for compatibility; Piper is deterministic
+    output_format: Literal["wav", "mp3", "ogg", "flac"] = "wav"
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        voice = _model(catalog, self.model, "piper")
+        return JobSpec("text-to-speech", {"text": self.input, "model": voice, "format": self.output_format}, {}, voice, 0.0)
+
+
+# ---- media transforms ----------------------------------------------------------------------------
+
+Side = Annotated[int, Field(ge=2, le=8192, multiple_of=2)]  # even: H.264 in 4:2:0 needs it
+Offset = Annotated[int, Field(ge=0, le=8192)]
+Position = Literal["TopLeft", "TopRight", "BottomLeft", "BottomRight", "Center"]
+
+
+def _seconds(value: Any) -> float:
+    """``12.5``, ``"12.5"``, ``"00:00:05"`` or ``"01:02:03.5"`` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a time: seconds or HH:MM:SS")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        parts = str(value).strip().split(":")
+        try:
+            if len(parts) > 3 or not all(parts):
+                raise ValueError
+            seconds = 0.0
+            for part in parts:
+                seconds = seconds * 60 + float(part)
+        except ValueError:
+            raise ValueError("must be a time: seconds or HH:MM:SS") from None
+    if not 0 <= seconds <= 24 * 3600 or seconds != seconds:
+        raise ValueError("must be between 0 and 24 hours")
+    return seconds
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds)]
+
+
+def _transform(capability: str, field: str, cls: ApiRequest, *names: str) -> JobSpec:
+    return JobSpec(capability, {n: getattr(cls, n) for n in names}, {field: getattr(cls, field)}, None, 0.0)
+
+
+class ScaleVideo(ApiRequest):
+    video: MediaFile
+    width: Side
+    height: Side
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return _transform("scale-video", "video", self, "width", "height")
+
+
+class CropVideo(ApiRequest):
+    video: MediaFile
+    x: Offset = 0
+    y: Offset = 0
+    width: Side
+    height: Side
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return _transform("crop-video", "video", self, "x", "y", "width", "height")
+
+
+class TrimVideo(ApiRequest):
+    video: MediaFile
+    start_time: Seconds = 0.0
+    end_time: Seconds
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TrimVideo:
+        if self.end_time <= self.start_time:
+            raise PydanticCustomError("out_of_range", "endTime must be after startTime")
+        return self
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return _transform("trim-video", "video", self, "start_time", "end_time")
+
+
+class ConvertVideo(ApiRequest):
+    video: MediaFile
+    output_format: Literal["mp4", "mov", "webm", "mkv", "avi", "wmv", "mpeg", "ogg"]
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return _transform("convert-video", "video", self, "output_format")
+
+
+class WatermarkVideo(ApiRequest):
+    video: MediaFile
+    watermark: ImageFile
+    position: Position = "BottomRight"
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return JobSpec("watermark-video", {"position": self.position},
+                       {"video": self.video, "watermark": self.watermark}, None, 0.0)
+
+
+class ConvertAudio(ApiRequest):
+    audio: MediaFile
+    output_format: Literal["mp3", "wav", "flac", "ogg", "aac", "m4a"]
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return _transform("convert-audio", "audio", self, "output_format")
+
+
+class ScaleImage(ApiRequest):
+    image: ImageFile
+    width: Annotated[int, Field(ge=1, le=8192)]
+    height: Annotated[int, Field(ge=1, le=8192)]
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return _transform("scale-image", "image", self, "width", "height")
+
+
+class CropImage(ApiRequest):
+    image: ImageFile
+    x: Offset = 0
+    y: Offset = 0
+    width: Annotated[int, Field(ge=1, le=8192)]
+    height: Annotated[int, Field(ge=1, le=8192)]
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return _transform("crop-image", "image", self, "x", "y", "width", "height")
+
+
+class ConvertImage(ApiRequest):
+    image: ImageFile
+    output_format: Literal["jpg", "png", "gif", "bmp", "tiff", "webp"]
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return _transform("convert-image", "image", self, "output_format")
+
+
+class WatermarkImage(ApiRequest):
+    image: ImageFile
+    watermark: ImageFile
+    position: Position = "BottomRight"
+    watermark_scale: Annotated[float, Field(gt=0, le=1)] = 0.25  # of the image's width
+    opacity: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        return JobSpec("watermark-image", {"position": self.position, "watermark_scale": self.watermark_scale,
+                                           "opacity": self.opacity}, {"image": self.image, "watermark": self.watermark},
+                       None, 0.0)
+
+
+APIS: dict[str, type[ApiRequest]] = {cls.__name__: cls for cls in (
+    TextToImage, ImageToImage, ImageWithMask, ImageUpscale, SpeechToText, TextToSpeech, ScaleVideo, CropVideo,
+    TrimVideo, ConvertVideo, WatermarkVideo, ConvertAudio, ScaleImage, CropImage, ConvertImage, WatermarkImage)}
 
 
 async def read_fields(request: web.Request, max_bytes: int) -> dict[str, Any]:
@@ -194,7 +380,8 @@ def parse(model: type[ApiRequest], fields: dict[str, Any]) -> ApiRequest:
     """Validate fields (any key case) against an API's model; 400 with one entry per bad field."""
     names = {}
     for name, info in model.model_fields.items():
-        for alias in (name, to_camel(name), info.validation_alias if isinstance(info.validation_alias, str) else name):
+        aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else [info.validation_alias]
+        for alias in (name, to_camel(name), *(a for a in aliases if isinstance(a, str))):
             names[alias.lower()] = name
     data = {names.get(k.lower(), k): v for k, v in fields.items()}
     try:
@@ -207,11 +394,13 @@ def parse(model: type[ApiRequest], fields: dict[str, Any]) -> ApiRequest:
 
 
 def _field_error(error: Any) -> FieldError:
-    field = to_camel(str(error["loc"][0])) if error["loc"] else "request"
+    field = to_camel(str(error["loc"][0])) if error["loc"] else ("endTime" if error["type"] == "out_of_range" else "request")
     message = str(error["msg"]).removeprefix("Value error, ")
     code = {"missing": "required", "greater_than_equal": "out_of_range", "less_than_equal": "out_of_range",
-            "less_than": "out_of_range", "multiple_of": "out_of_range", "string_too_short": "required"}.get(error["type"],
-                                                                                                         "invalid")
-    if error["type"] == "value_error" and "image" in message:
+            "less_than": "out_of_range", "multiple_of": "out_of_range", "string_too_short": "required",
+            "greater_than": "out_of_range", "out_of_range": "out_of_range"}.get(error["type"], "invalid")
+    if error["type"] == "value_error" and ("image" in message or "too large" in message):
         code = "not_an_image"
+    if message == "is an empty file":
+        code = "empty"
     return FieldError(field, message, code)

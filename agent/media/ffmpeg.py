@@ -1,0 +1,98 @@
+"""Run ffprobe and ffmpeg without blocking the event loop, and say what went wrong in words.
+
+Commands are built with ffmpeg-python from validated values only; a client's string never
+becomes an ffmpeg option. Every input is probed first: an empty, non-media, truncated or
+unsupported file is an :class:`InvalidRequest` naming the field. A run past its time limit is
+killed (:class:`JobTimeout`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ffmpeg
+
+from gpugate.errors import ExecutionError, FieldError, InvalidRequest, JobTimeout
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    format: str  # ffprobe's format_name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"
+    duration: float  # seconds (0 for a still image)
+    width: int | None  # of the first video stream
+    height: int | None
+    video_codec: str | None
+    audio_codec: str | None
+
+    @property
+    def has_video(self) -> bool:
+        return self.width is not None
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_codec is not None
+
+
+async def probe(path: Path, field: str) -> MediaInfo:
+    """What ``path`` holds; InvalidRequest on ``field`` if ffmpeg cannot read it."""
+    if path.stat().st_size == 0:
+        raise InvalidRequest(FieldError(field, "is an empty file", "empty"))
+    code, out, err = await _run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
+                                 str(path)], timeout=60)
+    if code != 0:
+        raise InvalidRequest(FieldError(field, f"is not a media file ffmpeg can read ({_last_line(err)})", "not_media"))
+    data = json.loads(out or b"{}")
+    streams = data.get("streams", [])
+    video = next((s for s in streams if s.get("codec_type") == "video" and not _is_cover_art(s)), None)
+    audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
+    if video is None and audio is None:
+        raise InvalidRequest(FieldError(field, "has no audio or video stream", "not_media"))
+    fmt = data.get("format", {})
+    return MediaInfo(fmt.get("format_name", "?"), float(fmt.get("duration") or 0.0),
+                     video.get("width") if video else None, video.get("height") if video else None,
+                     video.get("codec_name") if video else None, audio.get("codec_name") if audio else None)
+
+
+async def transcode(stream: Any, timeout: float, field: str) -> None:
+    """Run an ffmpeg-python output stream. A decode failure is the input's fault (InvalidRequest)."""
+    args = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-xerror", "-y", *stream.get_args()]
+    code, _, err = await _run(args, timeout=timeout)
+    if code == 0:
+        return
+    text = _last_line(err)
+    if any(sign in text for sign in ("Invalid data", "corrupt", "moov atom", "End of file", "error while decoding",
+                                     "Error while decoding", "Truncat", "partial file")):
+        raise InvalidRequest(FieldError(field, f"could not be decoded: it is truncated or corrupt ({text})", "corrupt"))
+    raise ExecutionError(f"ffmpeg failed (exit {code}): {text}")
+
+
+async def _run(args: list[str], timeout: float) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise JobTimeout(f"{args[0]} still running after {timeout:.0f}s; stopped") from None
+    except asyncio.CancelledError:  # the job was cancelled: its ffmpeg must not outlive it
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out, err
+
+
+def _last_line(err: bytes) -> str:
+    lines = [line.strip() for line in err.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no message"
+
+
+def _is_cover_art(stream: dict[str, Any]) -> bool:
+    return bool((stream.get("disposition") or {}).get("attached_pic"))
+
+
+__all__ = ["MediaInfo", "probe", "transcode", "ffmpeg"]

@@ -1,0 +1,73 @@
+"""The router's own worker: image transforms that run here (with Pillow, in worker threads) rather
+than on an agent. It joins the agent registry like any agent, so its jobs use the same queue,
+states, retries and status; it only skips the network."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator
+
+from gpugate.errors import JobFailed
+from gpugate.wire import Artifact, Capability, Device, Done, Failed, Failure, Hello, JobOffer
+
+from .agents import AgentRegistry, ConnectedAgent
+from .artifacts import ArtifactStore
+from .images import TRANSFORMS
+from .queue import JobQueue
+
+log = logging.getLogger(__name__)
+NAME = "router"
+CONCURRENCY = 2
+
+
+@contextlib.asynccontextmanager
+async def local_worker(agents: AgentRegistry, queue: JobQueue, artifacts: ArtifactStore) -> AsyncIterator[None]:
+    """Join the registry for the lifetime of the block; its running jobs are awaited on exit."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def send(offer: JobOffer) -> None:
+        task = asyncio.create_task(_run(me, offer, queue, artifacts), name=f"local-job-{offer.job_id}")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def disconnect() -> None:
+        return None
+
+    hello = Hello(name=NAME, cpu_only=True, devices=[Device(index=-1, name="router", vram_total=0, vram_free=0)],
+                  models=[], capabilities=[Capability(name=c, vram_base=0, vram_per_megapixel=0) for c in TRANSFORMS],
+                  concurrency=CONCURRENCY)
+    me = agents.join(hello, send, disconnect)
+    me.slots = CONCURRENCY
+    me.last_seen = math.inf  # in-process: never silent
+    try:
+        yield
+    finally:
+        agents.leave(me)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _run(me: ConnectedAgent, offer: JobOffer, queue: JobQueue, artifacts: ArtifactStore) -> None:
+    try:
+        files = {}
+        for name, artifact in offer.inputs.items():
+            path = artifacts.path(artifact)
+            if path is None:
+                raise FileNotFoundError(f"input {name} is gone")
+            files[name] = await asyncio.to_thread(path.read_bytes)
+        data, ext = await asyncio.to_thread(TRANSFORMS[offer.capability], offer.params, files)
+        name = await artifacts.put(data, f".{ext}")
+        queue.on_done(me, Done(job_id=offer.job_id, attempt=offer.attempt,
+                               artifacts=[Artifact(name=name, file_name=f"{offer.capability}.{ext}",
+                                                   media_type=f"image/{ext}", size=len(data))]))
+    except JobFailed as exc:
+        queue.on_failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(exc)))
+    except Exception as exc:  # a bug or a broken file must end the job, never hang it
+        log.exception("local transform failed", extra={"job": offer.job_id})
+        queue.on_failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt,
+                                   failure=Failure(kind="execution_error", message=f"{type(exc).__name__}: {exc}")))
+    finally:
+        me.slots += 1
+        queue.wake()

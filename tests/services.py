@@ -1,0 +1,128 @@
+"""Running the services for tests: a router in this process (so a test can restart it) and
+`gpugate agent` processes (stopped by PID), plus the client calls the tests make."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gpugate.settings import PROJECT_ROOT, Settings
+from router.app import create_app
+from router.main import router_url
+from router.state import AGENTS
+from tests.conftest import CACHE
+from tests.model_fixtures import CHECKPOINT, UPSCALER
+
+TOKEN = "agent-token-for-tests"
+
+class Router:
+    """The router app on a fixed loopback port; can be stopped and started again on the same data."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = router_url(settings)
+        self.runner: Any = None
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        self.app = create_app(self.settings)
+        self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=1)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.settings.router.port).start()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def wait_for_agents(self, *names: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not set(names) <= set(self.app[AGENTS].agents):
+            assert time.monotonic() < deadline, f"agents {names} did not join"
+            await asyncio.sleep(0.2)
+
+
+class Agents:
+    """`gpugate agent` processes, stopped by PID at the end."""
+
+    def __init__(self, root: Path, url: str) -> None:
+        self.root, self.url = root, url
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.workflows = root / "workflows"
+        shutil.copytree(PROJECT_ROOT / "workflows", self.workflows)
+        with open(self.workflows / "txt2img.toml", "a") as declaration:
+            declaration.write("\n[vram]\nper_megapixel_gb = 40\n")
+
+    def start(self, name: str, free_gb: float, checkpoints: list[str], **env: str) -> None:
+        models = self.root / name / "models"
+        (models / "checkpoints").mkdir(parents=True)
+        (models / "upscale_models").mkdir()
+        for file in checkpoints:
+            (models / "checkpoints" / file).symlink_to(CACHE / CHECKPOINT)
+        (models / "upscale_models" / UPSCALER).symlink_to(CACHE / UPSCALER)
+        env = {**os.environ, "GPUGATE_AGENT__NAME": name, "GPUGATE_AGENT__ROUTER_URL": self.url,
+               "GPUGATE_AGENT__TOKEN": TOKEN, "GPUGATE_AGENT__HEARTBEAT_S": "1",
+               "GPUGATE_AGENT__GPUS": json.dumps([{"name": "test GPU", "vram_total_gb": 8, "vram_free_gb": free_gb}]),
+               "GPUGATE_COMFY__DEVICE": "cpu", "GPUGATE_PATHS__MODELS_DIR": str(models),
+               "GPUGATE_WORKFLOWS__DIRS": json.dumps([str(self.workflows)]), "GPUGATE_AGENT__RUNNERS": '["comfy"]',
+               "GPUGATE_PATHS__DATA_DIR": str(self.root / name / "data"), **env}
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "gpugate.cli", "agent"], cwd=PROJECT_ROOT,
+                                            env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def kill(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def call(router: Router, key: str | None, api: str, body: dict[str, Any] | aiohttp.FormData,
+               status: int = 200) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as http:
+        kwargs = {"data": body} if isinstance(body, aiohttp.FormData) else {"json": body}
+        async with http.post(f"{router.url}/api/{api}", headers=headers, **kwargs) as r:
+            answer = await r.json()
+            assert r.status == status, answer
+            return answer
+
+
+async def status(router: Router, key: str, **query: Any) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{router.url}/api/GetArtifactGenerationStatus", params=query,
+                            headers={"Authorization": f"Bearer {key}"}) as r:
+            return await r.json()
+
+
+async def until(router: Router, key: str, job_id: int, predicate, timeout: float = 180) -> dict[str, Any]:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = await status(router, key, jobId=job_id)
+        if predicate(answer):
+            return answer
+        assert time.monotonic() < deadline, f"job {job_id} never got there: {answer}"
+        await asyncio.sleep(0.1)
+
+
+def finished(answer: dict[str, Any]) -> bool:
+    return answer["jobState"] in ("Completed", "Failed", "Cancelled")
