@@ -239,31 +239,39 @@ def _seconds(value: Any) -> float:
 Seconds = Annotated[float, BeforeValidator(_seconds)]
 
 
-def _transform(capability: str, field: str, cls: ApiRequest, *names: str) -> JobSpec:
-    return JobSpec(capability, {n: getattr(cls, n) for n in names}, {field: getattr(cls, field)}, None, 0.0)
+class Transform(ApiRequest):
+    """A media transform: its file fields go to the agent as files, its other fields as parameters."""
+
+    capability: ClassVar[str]
+    files: ClassVar[tuple[str, ...]]
+
+    def job(self, catalog: Catalog) -> JobSpec:
+        common = set(ApiRequest.model_fields)
+        params = {n: getattr(self, n) for n in type(self).model_fields if n not in common and n not in self.files}
+        return JobSpec(self.capability, params, {n: getattr(self, n) for n in self.files}, None, 0.0)
 
 
-class ScaleVideo(ApiRequest):
+ImageSide = Annotated[int, Field(ge=1, le=8192)]
+
+
+class ScaleVideo(Transform):
+    capability, files = "scale-video", ("video",)
     video: MediaFile
     width: Side
     height: Side
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        return _transform("scale-video", "video", self, "width", "height")
 
-
-class CropVideo(ApiRequest):
+class CropVideo(Transform):
+    capability, files = "crop-video", ("video",)
     video: MediaFile
     x: Offset = 0
     y: Offset = 0
     width: Side
     height: Side
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        return _transform("crop-video", "video", self, "x", "y", "width", "height")
 
-
-class TrimVideo(ApiRequest):
+class TrimVideo(Transform):
+    capability, files = "trim-video", ("video",)
     video: MediaFile
     start_time: Seconds = 0.0
     end_time: Seconds
@@ -274,75 +282,55 @@ class TrimVideo(ApiRequest):
             raise PydanticCustomError("out_of_range", "endTime must be after startTime")
         return self
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        return _transform("trim-video", "video", self, "start_time", "end_time")
 
-
-class ConvertVideo(ApiRequest):
+class ConvertVideo(Transform):
+    capability, files = "convert-video", ("video",)
     video: MediaFile
     output_format: Literal["mp4", "mov", "webm", "mkv", "avi", "wmv", "mpeg", "ogg"]
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        return _transform("convert-video", "video", self, "output_format")
 
-
-class WatermarkVideo(ApiRequest):
+class WatermarkVideo(Transform):
+    capability, files = "watermark-video", ("video", "watermark")
     video: MediaFile
     watermark: ImageFile
     position: Position = "BottomRight"
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        return JobSpec("watermark-video", {"position": self.position},
-                       {"video": self.video, "watermark": self.watermark}, None, 0.0)
 
-
-class ConvertAudio(ApiRequest):
+class ConvertAudio(Transform):
+    capability, files = "convert-audio", ("audio",)
     audio: MediaFile
     output_format: Literal["mp3", "wav", "flac", "ogg", "aac", "m4a"]
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        return _transform("convert-audio", "audio", self, "output_format")
 
-
-class ScaleImage(ApiRequest):
+class ScaleImage(Transform):
+    capability, files = "scale-image", ("image",)
     image: ImageFile
-    width: Annotated[int, Field(ge=1, le=8192)]
-    height: Annotated[int, Field(ge=1, le=8192)]
-
-    def job(self, catalog: Catalog) -> JobSpec:
-        return _transform("scale-image", "image", self, "width", "height")
+    width: ImageSide
+    height: ImageSide
 
 
-class CropImage(ApiRequest):
+class CropImage(Transform):
+    capability, files = "crop-image", ("image",)
     image: ImageFile
     x: Offset = 0
     y: Offset = 0
-    width: Annotated[int, Field(ge=1, le=8192)]
-    height: Annotated[int, Field(ge=1, le=8192)]
-
-    def job(self, catalog: Catalog) -> JobSpec:
-        return _transform("crop-image", "image", self, "x", "y", "width", "height")
+    width: ImageSide
+    height: ImageSide
 
 
-class ConvertImage(ApiRequest):
+class ConvertImage(Transform):
+    capability, files = "convert-image", ("image",)
     image: ImageFile
     output_format: Literal["jpg", "png", "gif", "bmp", "tiff", "webp"]
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        return _transform("convert-image", "image", self, "output_format")
 
-
-class WatermarkImage(ApiRequest):
+class WatermarkImage(Transform):
+    capability, files = "watermark-image", ("image", "watermark")
     image: ImageFile
     watermark: ImageFile
     position: Position = "BottomRight"
     watermark_scale: Annotated[float, Field(gt=0, le=1)] = 0.25  # of the image's width
     opacity: Annotated[float, Field(ge=0, le=1)] = 0.5
-
-    def job(self, catalog: Catalog) -> JobSpec:
-        return JobSpec("watermark-image", {"position": self.position, "watermark_scale": self.watermark_scale,
-                                           "opacity": self.opacity}, {"image": self.image, "watermark": self.watermark},
-                       None, 0.0)
 
 
 APIS: dict[str, type[ApiRequest]] = {cls.__name__: cls for cls in (
