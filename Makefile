@@ -30,6 +30,7 @@ test: install
 bench: install
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.router
+	$(BIN)/python -m bench.media
 
 clean:
 	rm -rf $(VENV) vendor data *.egg-info

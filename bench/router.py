@@ -43,8 +43,9 @@ TOKEN = "bench-agent-token"
 class Services:
     """A router process and one agent process on loopback, stopped by PID on exit."""
 
-    def __init__(self, tmp: Path, comfy: bool) -> None:
+    def __init__(self, tmp: Path, comfy: bool, runners: str | None = None) -> None:
         self.tmp, self.comfy = tmp, comfy
+        self.runners = runners or ('["echo", "comfy"]' if comfy else '["echo"]')
         self.port, self.comfy_port = free_port("127.0.0.1"), free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -54,7 +55,7 @@ class Services:
                 "GPUGATE_PATHS__MODELS_DIR": str(self.tmp / "models"), "GPUGATE_ROUTER__PORT": str(self.port),
                 "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__ECHO_API": "true",
                 "GPUGATE_AGENT__ROUTER_URL": self.url, "GPUGATE_AGENT__TOKEN": TOKEN,
-                "GPUGATE_AGENT__RUNNERS": '["echo", "comfy"]' if self.comfy else '["echo"]',
+                "GPUGATE_AGENT__RUNNERS": self.runners,
                 "GPUGATE_AGENT__CONCURRENCY": "32" if not self.comfy else "1", "GPUGATE_COMFY__DEVICE": "cpu",
                 "GPUGATE_COMFY__PORT": str(self.comfy_port),
                 **extra}

