@@ -39,7 +39,17 @@ async def test_up_serves_the_api_with_a_local_agent_until_stopped(tmp_path: Path
             async with http.post(f"{url}/api/TextToImage", headers={"Authorization": f"Bearer {key}"},
                                  json={"positivePrompt": "a lighthouse", "width": 64, "height": 64, "model": CHECKPOINT}) as r:
                 answer = await r.json()
-        assert r.status == 200 and len(answer["results"]) == 1, answer
+            assert r.status == 200 and len(answer["results"]) == 1, answer
+            headers = {"Authorization": f"Bearer {key}"}
+            async with http.post(f"{url}/api/TextToSpeech", headers=headers, json={"input": "Speech works."}) as r:
+                spoken = await r.json()
+            async with http.get(spoken["results"][0]["url"], headers=headers) as r:
+                audio = await r.read()
+            form = aiohttp.FormData()
+            form.add_field("audio", audio, filename="speech.wav", content_type="audio/wav")
+            async with http.post(f"{url}/api/SpeechToText", headers=headers, data=form) as r:
+                heard = await r.json()
+        assert "speech works" in heard["results"][0]["text"].lower(), "speech out of the box, packaged model and voice"
     finally:
         up.send_signal(signal.SIGTERM)
         rest, _ = up.communicate(timeout=60)
