@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from gpugate.errors import FieldError, InvalidRequest, JobFailed, WorkerLost
+from gpugate.errors import ExecutionError, FieldError, InvalidRequest, JobFailed, WorkerLost
 from gpugate.settings import Settings
 from gpugate.wire import (
     Artifact, Done, Failed, Failure, Heartbeat, Hello, JobOffer, Model, Progress, Pull, Welcome, router_message,
@@ -123,6 +123,10 @@ class RouterLink:
         except aiohttp.ClientError as exc:  # file transfer with the router broke
             answer = Failed(job_id=offer.job_id, attempt=offer.attempt,
                             failure=Failure.of(WorkerLost(f"file transfer with the router failed: {exc}")))
+        except Exception as exc:  # a bug or a local fault must end the job with an answer, never hang it
+            log.exception("job crashed", extra=extra)
+            answer = Failed(job_id=offer.job_id, attempt=offer.attempt,
+                            failure=Failure.of(ExecutionError(f"the agent failed: {type(exc).__name__}: {exc}")))
         outbox.put_nowait(answer.model_dump_json())
         outbox.put_nowait(Pull(slots=1).model_dump_json())
 

@@ -121,7 +121,7 @@ async def _compare(engine: ComfyEngine, direct: DirectDriver, name: str, params:
         return render(template, validate(template, fresh, lambda n, i: None), {}, uuid.uuid4().hex)
 
     times: dict[str, list[float]] = {"direct": [], "agent": []}
-    for block in range((warmup + jobs) // BLOCK):
+    for _ in range((warmup + jobs) // BLOCK):
         await engine.settle()
         for _ in range(BLOCK):
             prompt = direct_prompt()  # built outside the timed region: the baseline's prompt is free

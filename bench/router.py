@@ -123,7 +123,7 @@ async def txt2img_vs_direct(services: Services, jobs: int) -> dict[str, Any]:
     template = load_workflow(PROJECT_ROOT / "workflows" / "txt2img.json")
     times: dict[str, list[float]] = {"direct": [], "router": []}
     async with aiohttp.ClientSession() as http, DirectDriver(f"http://127.0.0.1:{services.comfy_port}") as direct:
-        for block in range(jobs // 5 + 1):  # the first block of each is warm-up
+        for _ in range(jobs // 5 + 1):  # the first block of each is warm-up
             for _ in range(5):
                 params = validate(template, {"prompt": "a lighthouse", "width": 64, "height": 64, "checkpoint": CHECKPOINT},
                                   lambda n, i: None)

@@ -22,6 +22,7 @@ from .scheduler import JobNeeds, Unplaceable, choose
 from .store import Job, JobState, Store
 
 log = logging.getLogger(__name__)
+DISPATCH_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,12 @@ class JobQueue:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._dispatch()
+            try:
+                await self._dispatch()
+            except Exception:  # the store failing, say: keep the jobs, try again shortly
+                log.exception("dispatch failed; retrying")
+                await asyncio.sleep(DISPATCH_RETRY_S)
+                self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()

@@ -159,6 +159,42 @@ async def test_a_silent_agents_job_goes_back_to_the_queue(router: Router, keys: 
     assert not back["status"].startswith("running"), back
 
 
+async def test_a_crashing_runner_still_answers_and_the_job_ends(router: Router, keys: dict[str, str]) -> None:
+    """A bug in a runner (not a JobFailed) must fail the job with a message, never leave it running."""
+    from agent.link import RouterLink
+    from gpugate.wire import Capability
+
+    class Crashing:
+        def capabilities(self) -> list[Capability]:
+            return [Capability(name="scale-video", vram_base=0, vram_per_megapixel=0)]
+
+        async def models(self) -> list:
+            return []
+
+        def loaded(self) -> list[str]:
+            return []
+
+        async def run(self, *args: object) -> None:
+            raise RuntimeError("a bug in a runner")
+
+    settings = router.settings.model_copy(update={"agent": router.settings.agent.model_copy(
+        update={"name": "crashing", "router_url": router.url, "token": TOKEN, "gpus": ()})})
+    stop = asyncio.Event()
+    link = asyncio.create_task(RouterLink(settings, [Crashing()]).run(stop))
+    try:
+        await router.wait_for_agents("crashing", timeout=30)
+        form = aiohttp.FormData()
+        form.add_field("video", b"any bytes", filename="v.mp4")
+        form.add_field("width", "64")
+        form.add_field("height", "64")
+        answer = await call(router, keys["admin"], "ScaleVideo", form, status=500)
+        assert answer["responseStatus"]["errorCode"] == "ExecutionError"
+        assert "the agent failed: RuntimeError: a bug in a runner" in answer["responseStatus"]["message"]
+    finally:
+        stop.set()
+        await link
+
+
 # ---- scheduling -------------------------------------------------------------------------------------
 
 
