@@ -40,3 +40,13 @@ class Runner(Protocol):
 
     async def run(self, capability: str, job_id: str, params: dict[str, Any],
                   on_progress: Callable[[JobProgress], None]) -> RunResult: ...
+
+
+class WithoutModels:
+    """For runners that load no model files (echo, ffmpeg): nothing to list, nothing loaded."""
+
+    async def models(self) -> list[Model]:
+        return []
+
+    def loaded(self) -> list[str]:
+        return []

@@ -5,20 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gpugate.wire import Capability, Model
+from gpugate.wire import Capability
 
-from . import JobProgress, RunResult
+from . import JobProgress, RunResult, WithoutModels
 
 
-class EchoRunner:
+class EchoRunner(WithoutModels):
     def capabilities(self) -> list[Capability]:
         return [Capability(name="echo", vram_base=0, vram_per_megapixel=0)]
-
-    async def models(self) -> list[Model]:
-        return []
-
-    def loaded(self) -> list[str]:
-        return []
 
     async def run(self, capability: str, job_id: str, params: dict[str, Any],
                   on_progress: Callable[[JobProgress], None]) -> RunResult:

@@ -18,10 +18,10 @@ import ffmpeg
 
 from gpugate.errors import FieldError, InvalidRequest
 from gpugate.settings import Settings
-from gpugate.wire import Capability, Model
+from gpugate.wire import Capability
 
 from ..media.ffmpeg import MediaInfo, probe, transcode
-from . import JobProgress, OutputFile, RunResult
+from . import JobProgress, OutputFile, RunResult, WithoutModels
 
 H264 = {"vcodec": "libx264", "preset": "veryfast", "pix_fmt": "yuv420p", "acodec": "aac"}
 VIDEO_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {  # outputFormat -> (muxer, codec options)
@@ -122,18 +122,12 @@ TRANSFORMS: dict[str, tuple[str, Builder, str | None]] = {
 }
 
 
-class MediaRunner:
+class MediaRunner(WithoutModels):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def capabilities(self) -> list[Capability]:
         return [Capability(name=name, vram_base=0, vram_per_megapixel=0) for name in TRANSFORMS]
-
-    async def models(self) -> list[Model]:
-        return []
-
-    def loaded(self) -> list[str]:
-        return []
 
     async def run(self, capability: str, job_id: str, params: dict[str, Any],
                   on_progress: Callable[[JobProgress], None]) -> RunResult:
