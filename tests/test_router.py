@@ -46,7 +46,7 @@ def router_settings(tmp_path_factory: pytest.TempPathFactory, fixture_models: Pa
         "GPUGATE_PATHS__DATA_DIR": str(data), "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")),
         "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__CATALOG": str(catalog),
         "GPUGATE_ROUTER__SYNC_TIMEOUT_S": "120", "GPUGATE_ROUTER__HEARTBEAT_TIMEOUT_S": "6",
-        "GPUGATE_ROUTER__ECHO_API": "true",
+        "GPUGATE_ROUTER__ECHO_API": "true", "GPUGATE_ROUTER__MAX_UPLOAD_MB": "1",
     })
 
 
@@ -122,6 +122,14 @@ async def test_an_upload_that_is_not_an_image_is_refused(router: Router, keys: d
         {"errorCode": "InvalidImage", "fieldName": "image", "message": "is not an image (PNG, JPEG, WebP, ...)"}]
     text = await call(router, keys["upscale_only"], "ImageUpscale", {"image": "aGVsbG8="}, status=400)
     assert "multipart/form-data" in text["responseStatus"]["errors"][0]["message"]
+
+
+async def test_an_upload_over_the_limit_is_refused_naming_the_part(router: Router, keys: dict[str, str]) -> None:
+    form = aiohttp.FormData()
+    form.add_field("image", io.BytesIO(png(8, 8) + bytes(3 * 2**19)), filename="big.png", content_type="image/png")
+    answer = await call(router, keys["upscale_only"], "ImageUpscale", form, status=413)
+    assert answer["responseStatus"]["errorCode"] == "RequestEntityTooLarge"
+    assert answer["responseStatus"]["message"] == "image: larger than 1 MB"
 
 
 async def test_an_agent_without_comfyui_serves_echo_jobs(router: Router, agent_procs: Agents, keys: dict[str, str]) -> None:
