@@ -16,10 +16,10 @@ from typing import Any
 
 import aiohttp
 
-from gpugate.errors import ExecutionError, FieldError, InvalidRequest, JobFailed, WorkerLost
+from gpugate.errors import ExecutionError, FieldError, Interrupted, InvalidRequest, JobFailed, WorkerLost
 from gpugate.settings import Settings
 from gpugate.wire import (
-    Artifact, Done, Failed, Failure, Heartbeat, Hello, JobOffer, Model, Progress, Pull, Welcome, router_message,
+    Artifact, Done, Failed, Failure, Heartbeat, Hello, JobOffer, Model, Progress, Pull, StopJob, Welcome, router_message,
 )
 
 from .gpu import report_devices
@@ -66,7 +66,7 @@ class RouterLink:
             log.info("joined router", extra={"router": self.url, "agent": self.name})
             outbox: asyncio.Queue[str] = asyncio.Queue()  # one writer keeps progress before its outcome
             outbox.put_nowait(Pull(slots=self.settings.agent.concurrency).model_dump_json())
-            jobs: set[asyncio.Task[None]] = set()
+            jobs: dict[int, asyncio.Task[None]] = {}
             tasks = [asyncio.create_task(self._send(ws, outbox), name="send"),
                      asyncio.create_task(self._heartbeats(outbox), name="heartbeats"),
                      asyncio.create_task(self._receive(http, ws, outbox, jobs), name="receive"),
@@ -78,24 +78,27 @@ class RouterLink:
                     if not task.cancelled() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
             finally:
-                for task in (*jobs, *tasks):
+                for task in (*jobs.values(), *tasks):
                     task.cancel()
-                await asyncio.gather(*jobs, *tasks, return_exceptions=True)
+                await asyncio.gather(*jobs.values(), *tasks, return_exceptions=True)
 
     async def _send(self, ws: aiohttp.ClientWebSocketResponse, outbox: asyncio.Queue[str]) -> None:
         while True:
             await ws.send_str(await outbox.get())
 
     async def _receive(self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
-                       outbox: asyncio.Queue[str], jobs: set[asyncio.Task[None]]) -> None:
+                       outbox: asyncio.Queue[str], jobs: dict[int, asyncio.Task[None]]) -> None:
         async for msg in ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue
-            offer = router_message.validate_json(msg.data)
-            if isinstance(offer, JobOffer):
-                task = asyncio.create_task(self._run_job(http, outbox, offer), name=f"job-{offer.job_id}")
-                jobs.add(task)
-                task.add_done_callback(jobs.discard)
+            message = router_message.validate_json(msg.data)
+            if isinstance(message, JobOffer):
+                task = asyncio.create_task(self._run_job(http, outbox, message), name=f"job-{message.job_id}")
+                jobs[message.job_id] = task
+                task.add_done_callback(lambda _, job_id=message.job_id: jobs.pop(job_id, None))
+            elif isinstance(message, StopJob) and (task := jobs.get(message.job_id)) is not None:
+                log.info("job cancelled by the router", extra={"job": message.job_id, "attempt": message.attempt})
+                task.cancel()
 
     async def _run_job(self, http: aiohttp.ClientSession, outbox: asyncio.Queue[str], offer: JobOffer) -> None:
         extra = {"job": offer.job_id, "attempt": offer.attempt, "capability": offer.capability}
@@ -120,6 +123,9 @@ class RouterLink:
         except JobFailed as exc:
             answer = Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(exc))
             log.warning("job failed", extra={**extra, "kind": exc.kind.value, "error": exc.message})
+        except asyncio.CancelledError:  # stopped by the router, or this session is closing
+            answer = Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(Interrupted("cancelled")))
+            log.info("job stopped", extra=extra)
         except aiohttp.ClientError as exc:  # file transfer with the router broke
             answer = Failed(job_id=offer.job_id, attempt=offer.attempt,
                             failure=Failure.of(WorkerLost(f"file transfer with the router failed: {exc}")))

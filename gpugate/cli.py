@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int)
     revoke.set_defaults(func=_keys_revoke)
 
+    jobs = commands.add_parser("jobs", help="the job history (live and archived)").add_subparsers(required=True, metavar="ACTION")
+    listing = jobs.add_parser("list", help="jobs by refId, tag, key, state and date, newest first")
+    for option in ("ref-id", "tag", "key-id", "state", "since", "until"):
+        listing.add_argument(f"--{option}", help="a date or date and time (UTC), ISO 8601" if option in ("since", "until") else None)
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(func=_jobs_list)
+    show = jobs.add_parser("show", help="one job, whole, as JSON")
+    show.add_argument("id", type=int)
+    show.set_defaults(func=_jobs_show)
+
     inventory = commands.add_parser("inventory", help="start ComfyUI and list the models it can serve, by kind")
     inventory.set_defaults(func=_inventory)
 
@@ -112,6 +122,7 @@ def _keys_create(settings: Settings, args: argparse.Namespace) -> None:
         new = create_key(store, args.name, apis, args.admin)
     finally:
         store.close()
+    print(f"webhook secret (verifies this key's ReplyTo callbacks): {new.key.webhook_secret}")
     print(f"key {new.key.id} ({', '.join(apis) if apis else 'all APIs'}): {new.token}")
 
 
@@ -142,6 +153,64 @@ def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"key {args.id} revoked")
+    return 0
+
+
+def _job_history(settings: Settings) -> Any:
+    from router.archive import JobArchive
+    from router.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.router_db), JobArchive(settings.archive_dir)
+
+
+def _jobs_list(settings: Settings, args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from router.api.jobs import JobFilter
+    from router.archive import find_everywhere
+
+    asked = {"refId": args.ref_id, "tag": args.tag, "keyId": args.key_id, "state": args.state, "since": args.since,
+             "until": args.until, "limit": args.limit}
+    try:
+        query = JobFilter.model_validate({k: v for k, v in asked.items() if v is not None}).query(None)
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"error: --{'-'.join(str(p) for p in error['loc'])}: {error['msg']}", file=sys.stderr)
+        return 2
+    store, archive = _job_history(settings)
+    try:
+        for job in find_everywhere(store, archive, query):
+            took = f"{job.finished - job.created:8.2f}s" if job.finished else " " * 9
+            error = (job.error or {}).get("message", "")
+            print(f"{job.id:6} {job.state:9} {job.api:18} {_when(job.created)} {took} ref={job.ref_id or '-'} "
+                  f"tag={job.tag or '-'} key={job.key_id or '-'} agent={job.agent or '-'} {error}".rstrip())
+    finally:
+        store.close()
+    return 0
+
+
+def _when(timestamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
+
+
+def _jobs_show(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from router.api.responses import JobSummary
+    from router.archive import get_anywhere
+
+    store, archive = _job_history(settings)
+    try:
+        job = get_anywhere(store, archive, args.id)
+    finally:
+        store.close()
+    if job is None:
+        print(f"error: no job {args.id}", file=sys.stderr)
+        return 2
+    base = (settings.router.public_base_url or settings.router.local_url).rstrip("/")
+    print(json.dumps(JobSummary.of(job, base).body(), indent=2))
     return 0
 
 

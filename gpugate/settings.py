@@ -125,6 +125,22 @@ class Router(_Section):
     max_upload_mb: float = 50.0
     catalog: Path = Path("models/catalog.toml")  # model names -> files
     echo_api: bool = False  # /api/Echo, a no-op job for benchmarks
+    # ReplyTo callbacks: signed with the key's webhook secret, else this one (default: made in data/webhook_secret)
+    webhook_secret: str | None = None
+    callback_timeout_s: float = 10.0  # per delivery attempt
+    callback_retry_s: float = 5.0  # the first wait after a failed delivery; doubles each time
+    callback_retry_max_s: float = 3600.0  # the longest wait between attempts
+    callback_give_up_s: float = 3 * 86400.0  # stop retrying a delivery this long after the job finished
+    # replyTo URLs on loopback, private or link-local addresses are refused unless inside one of these
+    callback_allow_networks: tuple[str, ...] = ()
+    archive_after_s: float = 3600.0  # finished jobs move to data/archive/YYYY-MM.db after this long
+    archive_every_s: float = 60.0
+
+    @property
+    def local_url(self) -> str:
+        """The router's own URL as a process on this host reaches it."""
+        host = "127.0.0.1" if self.listen in ("0.0.0.0", "::", "") else self.listen
+        return f"http://{host}:{self.port}"
 
     @field_validator("catalog", mode="after")
     @classmethod
@@ -175,6 +191,10 @@ class Settings(_Section):
     @property
     def artifacts_dir(self) -> Path:
         return self.paths.data_dir / "artifacts"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.paths.data_dir / "archive"
 
     @property
     def comfy_state_dir(self) -> Path:

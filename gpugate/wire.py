@@ -2,7 +2,7 @@
 
 Versioned (``WIRE_VERSION``, sent in ``hello``); typed with pydantic so each side validates what it
 receives in one place. Agent -> router: hello, heartbeat, pull (free slots), progress, done,
-failed. Router -> agent: welcome, job. Files travel over HTTP, content-addressed by sha256.
+failed. Router -> agent: welcome, job, stop (a cancelled job). Files travel over HTTP, content-addressed by sha256.
 """
 
 from __future__ import annotations
@@ -141,5 +141,13 @@ class JobOffer(_Message):
     inputs: dict[str, str] = Field(default_factory=dict)
 
 
-RouterMessage = Annotated[Welcome | JobOffer, Field(discriminator="type")]
+class StopJob(_Message):
+    """The job was cancelled: stop it (interrupt ComfyUI, kill ffmpeg, end whisper) and answer ``interrupted``."""
+
+    type: Literal["stop"] = "stop"
+    job_id: int
+    attempt: int
+
+
+RouterMessage = Annotated[Welcome | JobOffer | StopJob, Field(discriminator="type")]
 router_message = TypeAdapter(RouterMessage)

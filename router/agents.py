@@ -7,11 +7,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from gpugate.wire import Capability, Device, Heartbeat, Hello, JobOffer, Model
+from gpugate.wire import Capability, Device, Heartbeat, Hello, JobOffer, Model, StopJob
 
 from .scheduler import AgentView
 
-Send = Callable[[JobOffer], Awaitable[None]]
+LOCAL_WORKER = "router"  # the router's own worker (router/local.py) joins under this name
+Send = Callable[[JobOffer | StopJob], Awaitable[None]]
 Disconnect = Callable[[], Awaitable[object]]
 
 
@@ -62,6 +63,10 @@ class AgentRegistry:
             del self.agents[agent.name]
             return True
         return False
+
+    def remote(self) -> list[ConnectedAgent]:
+        """The agents on other processes (every one but the router's own worker)."""
+        return [a for name, a in self.agents.items() if name != LOCAL_WORKER]
 
     def views(self) -> list[AgentView]:
         return [a.view() for a in self.agents.values()]

@@ -1,7 +1,8 @@
 """The router's aiohttp application: routes, middlewares, and the lifetime of its parts.
 
-Open (in order): the store, the queue (recovering unfinished jobs), the dispatcher and the agent
-watchdog. Close in reverse: stop the tasks, close agent connections, close the store.
+Open (in order): the store, the queue (recovering unfinished jobs) and its tasks: the dispatcher,
+the agent watchdog, the callback sender and the archiver. Close in reverse: stop the tasks, close
+agent connections, close the store.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ from aiohttp import web
 from gpugate.settings import Settings
 
 from .agents import AgentRegistry
+from .api import admin, jobs, openapi, pages, public
 from .api import agents as agent_api
-from .api import public
+from .api.requests import APIS
+from .archive import JobArchive, keep_archiving
 from .api.auth import auth_middleware
 from .api.errors import error_middleware
 from .artifacts import ArtifactStore
+from .callbacks import CallbackSender
 from .catalog import Catalog
-from .local import NAME as LOCAL_WORKER
+from .keys import new_webhook_secret, read_or_make
 from .local import local_worker
+from .metrics import Metrics
 from .queue import JobQueue
-from .state import AGENTS, ARTIFACTS, CATALOG, QUEUE, SETTINGS, STORE
+from .state import AGENTS, ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, METRICS, QUEUE, SETTINGS, STORE
 from .store import Store
 from .store.sqlite import SqliteStore
 
@@ -40,15 +45,17 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[CATALOG] = Catalog.load(settings.router.catalog)
     app[ARTIFACTS] = ArtifactStore(settings.artifacts_dir)
     app[AGENTS] = AgentRegistry()
-    app.add_routes([web.get("/health", health), *public.routes(settings.router.echo_api), *agent_api.routes()])
+    app[ARCHIVE] = JobArchive(settings.archive_dir)
+    app[METRICS] = Metrics()
+    app.add_routes([web.get("/health", health), *public.routes(settings.router.echo_api), *jobs.routes(),
+                    *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
     app.cleanup_ctx.append(_store(store))
     app.cleanup_ctx.append(_queue)
     return app
 
 
 async def health(request: web.Request) -> web.Response:
-    remote = [name for name in request.app[AGENTS].agents if name != LOCAL_WORKER]
-    return web.json_response({"status": "ok", "agents": len(remote)})
+    return web.json_response({"status": "ok", "agents": len(request.app[AGENTS].remote())})
 
 
 def _store(given: Store | None):  # noqa: ANN202 - a cleanup context
@@ -61,10 +68,18 @@ def _store(given: Store | None):  # noqa: ANN202 - a cleanup context
 
 
 async def _queue(app: web.Application) -> AsyncIterator[None]:
-    queue = app[QUEUE] = JobQueue(app[STORE], app[AGENTS])
+    settings = app[SETTINGS]
+    secret = settings.router.webhook_secret or read_or_make(settings.paths.data_dir / "webhook_secret", new_webhook_secret)
+    callbacks = app[CALLBACKS] = CallbackSender(app[STORE], settings.router, secret,
+                                                lambda api: APIS[api].field_names if api in APIS else {})
+    queue = app[QUEUE] = JobQueue(app[STORE], app[AGENTS], app[ARCHIVE], callbacks.delivery_for,
+                                  app[METRICS].job_finished)
     queue.recover()
     tasks = [asyncio.create_task(queue.run(), name="dispatcher"),
-             asyncio.create_task(_watchdog(app), name="agent-watchdog")]
+             asyncio.create_task(_watchdog(app), name="agent-watchdog"),
+             asyncio.create_task(callbacks.run(), name="callbacks"),
+             asyncio.create_task(keep_archiving(app[STORE], app[ARCHIVE], settings.router.archive_after_s,
+                                                settings.router.archive_every_s), name="archiver")]
     for task in tasks:
         task.add_done_callback(_crash_if_failed)
     async with local_worker(app[AGENTS], queue, app[ARTIFACTS]):

@@ -1,21 +1,26 @@
 """API keys: random bearer tokens, stored only as their SHA-256 digest.
 
 A key may be limited to a list of APIs; a limit naming ``X`` also allows ``QueueX``. Status
-look-ups and artifacts are open to every valid key (for its own jobs). Agents never use client
+look-ups, job events, cancel, the job history and artifacts are open to every valid key (for its
+own jobs). Agents never use client
 keys: they present the router's agent token.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .store import Key, Store
 
 PREFIX = "gg_"
-ALWAYS_ALLOWED = {"GetArtifactGenerationStatus", "GetTextGenerationStatus"}
+# about the key's own jobs, so open to every key
+ALWAYS_ALLOWED = {"GetArtifactGenerationStatus", "GetTextGenerationStatus", "GetJobEvents", "CancelJob", "QueryJobs"}
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,25 @@ def digest(token: str) -> str:
 
 
 def create_key(store: Store, name: str, apis: tuple[str, ...] | None = None, admin: bool = False) -> NewKey:
+    """A new key, with its own webhook secret for signing its jobs' callbacks."""
     token = PREFIX + secrets.token_urlsafe(32)
-    return NewKey(store.add_key(name, digest(token), token[:10], apis, admin, time.time()), token)
+    return NewKey(store.add_key(name, digest(token), token[:10], apis, admin, time.time(), new_webhook_secret()), token)
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and base64 of 24 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def read_or_make(path: Path, make: Callable[[], str]) -> str:
+    """A secret kept in a file readable by its owner only, made on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(value + "\n")
+    return value
 
 
 def authenticate(store: Store, authorization: str | None) -> Key | None:

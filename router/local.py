@@ -11,32 +11,35 @@ import math
 from collections.abc import AsyncIterator
 
 from gpugate.errors import JobFailed
-from gpugate.wire import Artifact, Capability, Device, Done, Failed, Failure, Hello, JobOffer
+from gpugate.wire import Artifact, Capability, Device, Done, Failed, Failure, Hello, JobOffer, StopJob
 
-from .agents import AgentRegistry, ConnectedAgent
+from .agents import LOCAL_WORKER, AgentRegistry, ConnectedAgent
 from .artifacts import ArtifactStore
 from .images import TRANSFORMS
 from .queue import JobQueue
 
 log = logging.getLogger(__name__)
-NAME = "router"
 CONCURRENCY = 2
 
 
 @contextlib.asynccontextmanager
 async def local_worker(agents: AgentRegistry, queue: JobQueue, artifacts: ArtifactStore) -> AsyncIterator[None]:
     """Join the registry for the lifetime of the block; its running jobs are awaited on exit."""
-    tasks: set[asyncio.Task[None]] = set()
+    tasks: dict[int, asyncio.Task[None]] = {}
 
-    async def send(offer: JobOffer) -> None:
-        task = asyncio.create_task(_run(me, offer, queue, artifacts), name=f"local-job-{offer.job_id}")
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+    async def send(message: JobOffer | StopJob) -> None:
+        if isinstance(message, StopJob):  # cancelled: the queue has already ended the job
+            if (running := tasks.get(message.job_id)) is not None:
+                running.cancel()
+            return
+        task = asyncio.create_task(_run(me, message, queue, artifacts), name=f"local-job-{message.job_id}")
+        tasks[message.job_id] = task
+        task.add_done_callback(lambda _: tasks.pop(message.job_id, None))
 
     async def disconnect() -> None:
         return None
 
-    hello = Hello(name=NAME, cpu_only=True, devices=[Device(index=-1, name="router", vram_total=0, vram_free=0)],
+    hello = Hello(name=LOCAL_WORKER, cpu_only=True, devices=[Device(index=-1, name="router", vram_total=0, vram_free=0)],
                   models=[], capabilities=[Capability(name=c, vram_base=0, vram_per_megapixel=0) for c in TRANSFORMS],
                   concurrency=CONCURRENCY)
     me = agents.join(hello, send, disconnect)
@@ -46,7 +49,7 @@ async def local_worker(agents: AgentRegistry, queue: JobQueue, artifacts: Artifa
         yield
     finally:
         agents.leave(me)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
 
 
 async def _run(me: ConnectedAgent, offer: JobOffer, queue: JobQueue, artifacts: ArtifactStore) -> None:
@@ -64,6 +67,8 @@ async def _run(me: ConnectedAgent, offer: JobOffer, queue: JobQueue, artifacts: 
                                                    media_type=f"image/{ext}", size=len(data))]))
     except JobFailed as exc:
         queue.on_failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(exc)))
+    except asyncio.CancelledError:  # stopped: the job is over already; only the slot comes back
+        pass
     except Exception as exc:  # a bug or a broken file must end the job, never hang it
         log.exception("local transform failed", extra={"job": offer.job_id})
         queue.on_failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt,

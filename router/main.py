@@ -6,22 +6,20 @@ import asyncio
 import logging
 import secrets
 import signal
-from pathlib import Path
 
 from aiohttp import web
 
 from gpugate.settings import Settings
 
 from .app import create_app
-from .keys import authenticate, create_key
+from .keys import authenticate, create_key, read_or_make
 from .store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
 
 def router_url(settings: Settings) -> str:
-    host = "127.0.0.1" if settings.router.listen in ("0.0.0.0", "::", "") else settings.router.listen
-    return f"http://{host}:{settings.router.port}"
+    return settings.router.local_url
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None, *, handle_signals: bool = True) -> None:
@@ -48,16 +46,16 @@ def local_secrets(settings: Settings) -> tuple[Settings, str]:
     """For `gpugate up`: an agent token and an admin key, made on first use and kept in the data folder."""
     data = settings.paths.data_dir
     data.mkdir(parents=True, exist_ok=True)
-    token = settings.router.agent_token or _read_or_make(data / "agent_token", lambda: secrets.token_urlsafe(32))
+    token = settings.router.agent_token or read_or_make(data / "agent_token", lambda: secrets.token_urlsafe(32))
     store = SqliteStore(settings.router_db)
     try:
         def new_admin() -> str:
             return create_key(store, "admin (gpugate up)", admin=True).token
 
-        admin = _read_or_make(data / "admin_key", new_admin)
+        admin = read_or_make(data / "admin_key", new_admin)
         if authenticate(store, f"Bearer {admin}") is None:  # revoked meanwhile: make another
             (data / "admin_key").unlink()
-            admin = _read_or_make(data / "admin_key", new_admin)
+            admin = read_or_make(data / "admin_key", new_admin)
     finally:
         store.close()
     local = settings.model_copy(update={
@@ -65,15 +63,6 @@ def local_secrets(settings: Settings) -> tuple[Settings, str]:
         "agent": settings.agent.model_copy(update={"router_url": router_url(settings), "token": token}),
     })
     return local, admin
-
-
-def _read_or_make(path: Path, make) -> str:  # noqa: ANN001
-    if path.exists():
-        return path.read_text().strip()
-    value = make()
-    path.touch(mode=0o600)
-    path.write_text(value + "\n")
-    return value
 
 
 async def up(settings: Settings) -> None:

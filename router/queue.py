@@ -10,16 +10,20 @@ are refused by the attempt check).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gpugate.errors import FailureKind
-from gpugate.wire import Done, Failed, Failure, JobOffer, Progress
+from gpugate.wire import Done, Failed, Failure, JobOffer, Progress, StopJob
 
 from .agents import AgentRegistry, ConnectedAgent
+from .api.responses import status_text
 from .scheduler import JobNeeds, Unplaceable, choose
-from .store import Job, JobState, Store
+from .archive import JobArchive, find_everywhere, get_anywhere
+from .store import Delivery, Job, JobQuery, JobState, Store
 
 log = logging.getLogger(__name__)
 DISPATCH_RETRY_S = 1.0
@@ -48,14 +52,22 @@ def after_failure(job: Job, failure: Failure, agent_free_vram: int) -> Retry:
     return Retry(False)
 
 
+JobEvent = Progress | Job  # what a watcher of a job receives: progress, then the finished job
+CallbackFor = Callable[[Job], Delivery | None]  # the ReplyTo delivery a finished job owes, if any
+
+
 class JobQueue:
-    def __init__(self, store: Store, agents: AgentRegistry) -> None:
+    def __init__(self, store: Store, agents: AgentRegistry, archive: JobArchive,
+                 callback_for: CallbackFor | None = None, on_finished: Callable[[Job], None] | None = None) -> None:
         self.store = store
         self.agents = agents
+        self.archive = archive
         self.live: dict[int, Job] = {}
         self.waiting_reason: dict[int, str] = {}
         self.progress: dict[int, Progress] = {}
-        self._finished: dict[int, list[asyncio.Future[Job]]] = {}
+        self._callback_for = callback_for or (lambda job: None)
+        self._on_finished = on_finished or (lambda job: None)
+        self._watchers: dict[int, set[asyncio.Queue[JobEvent]]] = {}
         self._wake = asyncio.Event()
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -96,37 +108,60 @@ class JobQueue:
         return job
 
     def get(self, job_id: int) -> Job | None:
-        return self.live.get(job_id) or self.store.get_job(job_id)
+        """A job, live, finished or archived."""
+        return self.live.get(job_id) or get_anywhere(self.store, self.archive, job_id)
 
     def get_by_ref(self, key_id: int | None, ref_id: str) -> Job | None:
-        return self.store.get_job_by_ref(key_id, ref_id)
+        job = self.store.get_job_by_ref(key_id, ref_id)
+        if job is None:
+            return self.archive.get_by_ref(key_id, ref_id)
+        return self.live.get(job.id) or job
+
+    def find(self, query: JobQuery) -> list[Job]:
+        return find_everywhere(self.store, self.archive, query)
+
+    @contextlib.contextmanager
+    def watch(self, job_id: int) -> Iterator[asyncio.Queue[JobEvent]]:
+        """Events of a live job while the block runs: each Progress, then the finished Job."""
+        events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._watchers.setdefault(job_id, set()).add(events)
+        try:
+            yield events
+        finally:
+            watchers = self._watchers.get(job_id, set())
+            watchers.discard(events)
+            if not watchers:
+                self._watchers.pop(job_id, None)
 
     async def wait_finished(self, job_id: int, timeout: float) -> Job | None:
         """The job once finished, or None if it is still live after ``timeout`` seconds."""
         if job_id not in self.live:
             return self.store.get_job(job_id)
-        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
-        self._finished.setdefault(job_id, []).append(future)
-        try:
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            return None
-        finally:
-            waiters = self._finished.get(job_id, [])
-            if future in waiters:
-                waiters.remove(future)
+        with self.watch(job_id) as events, contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not isinstance(event := await events.get(), Job):
+                    pass
+                return event
+        return None
+
+    async def cancel(self, job: Job, reason: str) -> bool:
+        """End a live job as Cancelled: a queued one is dropped, a running one is stopped on its agent
+        (which answers ``interrupted``, ignored then: the job is already over)."""
+        job = self.live.get(job.id, job)
+        if job.id not in self.live:
+            return False
+        agent = self.agents.agents.get(job.agent or "") if job.state == JobState.STARTED else None
+        job.error = Failure(kind=FailureKind.INTERRUPTED, message=reason).model_dump(exclude_none=True)
+        self._finish(agent, job, JobState.CANCELLED)
+        if agent is not None:
+            try:
+                await agent.send(StopJob(job_id=job.id, attempt=job.attempt))
+            except (ConnectionError, RuntimeError) as exc:  # it is leaving anyway
+                log.warning("stop not sent", extra={"job": job.id, "agent": agent.name, "error": str(exc)})
+        return True
 
     def status_text(self, job: Job) -> str:
-        if job.state == JobState.QUEUED:
-            return self.waiting_reason.get(job.id) or "Queued"
-        if job.state == JobState.STARTED:
-            p = self.progress.get(job.id)
-            if p is not None and p.total:
-                return f"running on {job.agent}: {p.node or 'step'} {p.step}/{p.total}"
-            return f"running on {job.agent}" + (f": {p.node}" if p is not None and p.node else "")
-        if job.error:
-            return str(job.error.get("message", job.state))
-        return job.state
+        return status_text(job, self.waiting_reason.get(job.id), self.progress.get(job.id))
 
     # ---- agents --------------------------------------------------------------------------------
 
@@ -158,6 +193,7 @@ class JobQueue:
         job = self._held_by(agent, message.job_id, message.attempt)
         if job is not None:
             self.progress[job.id] = message
+            self._notify(job.id, message)
 
     def on_done(self, agent: ConnectedAgent, message: Done) -> None:
         job = self._held_by(agent, message.job_id, message.attempt)
@@ -214,16 +250,20 @@ class JobQueue:
         log.info("job queued again", extra={"job": job.id, "attempt": job.attempt})
         self._wake.set()
 
-    def _finish(self, agent: ConnectedAgent, job: Job, state: str) -> None:
+    def _finish(self, agent: ConnectedAgent | None, job: Job, state: str) -> None:
         job.state = state
         job.finished = time.time()
-        self.store.finish(job, job.finished)
-        agent.running.discard(job.id)
+        self.store.finish(job, job.finished, self._callback_for(job))
+        if agent is not None:
+            agent.running.discard(job.id)
         self.live.pop(job.id, None)
         self.progress.pop(job.id, None)
         self.waiting_reason.pop(job.id, None)
-        for future in self._finished.pop(job.id, []):
-            if not future.done():
-                future.set_result(job)
-        log.info("job finished", extra={"job": job.id, "state": state, "agent": agent.name})
+        self._notify(job.id, job)
+        self._on_finished(job)
+        log.info("job finished", extra={"job": job.id, "state": state, "agent": job.agent})
         self._wake.set()
+
+    def _notify(self, job_id: int, event: JobEvent) -> None:
+        for events in self._watchers.get(job_id, ()):
+            events.put_nowait(event)

@@ -10,6 +10,7 @@ import pytest
 from gpugate.errors import FailureKind
 from gpugate.wire import Capability, Device, Done, Failed, Failure, Hello, JobOffer, Model
 from router.agents import AgentRegistry, ConnectedAgent
+from router.archive import JobArchive
 from router.queue import JobQueue
 from router.store import Job, JobState
 from router.store.sqlite import SqliteStore
@@ -19,7 +20,7 @@ GB = 2**30
 
 @pytest.fixture
 def queue(tmp_path: Path) -> JobQueue:
-    return JobQueue(SqliteStore(tmp_path / "router.db"), AgentRegistry())
+    return JobQueue(SqliteStore(tmp_path / "router.db"), AgentRegistry(), JobArchive(tmp_path / "archive"))
 
 
 def join(queue: JobQueue, name: str, free_gb: float, sent: list[tuple[str, JobOffer]]) -> ConnectedAgent:

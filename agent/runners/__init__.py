@@ -3,11 +3,36 @@ runs one job at a time per call; the link (agent/link.py) moves jobs and files."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gpugate.wire import Capability, Model
+
+
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """Raised inside blocking work that saw its stop event (the job was cancelled)."""
+
+
+async def stoppable(work: Callable[[threading.Event], T]) -> T:
+    """Run blocking ``work`` in a thread. If the job is cancelled, set the event ``work`` checks
+    between steps (segments, sentences) and wait for the thread to end before the cancellation goes
+    on, so a model is never in use by a stopped job and the next one at once."""
+    stop = threading.Event()
+    future = asyncio.ensure_future(asyncio.to_thread(work, stop))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(Stopped):
+            await future
+        raise
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import tempfile
+import threading
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from gpugate.wire import Capability, Model
 
 from ..gpu import list_gpus
 from ..media.ffmpeg import probe, transcode
-from . import JobProgress, OutputFile, RunResult
+from . import JobProgress, OutputFile, RunResult, Stopped, stoppable
 from .media import AUDIO_FORMATS
 
 GB = 1024**3
@@ -105,15 +106,22 @@ class WhisperRunner:
                 raise InvalidRequest(FieldError("audio", "has no audio stream", "not_media"))
             model, lock = await self.weights.get(params.get("model"))
             async with lock:
-                segments, detected = await asyncio.to_thread(_transcribe, model, f.name, params.get("language"))
+                segments, detected = await stoppable(
+                    lambda stop: _transcribe(model, f.name, params.get("language"), stop))
         text = "".join(s["text"] for s in segments).strip()
         return RunResult(texts=[text], details={"language": detected.language, "duration": round(detected.duration, 3),
                                                 "segments": segments})
 
 
-def _transcribe(model: Any, path: str, language: str | None) -> tuple[list[dict[str, Any]], Any]:
+def _transcribe(model: Any, path: str, language: str | None,
+                stop: threading.Event) -> tuple[list[dict[str, Any]], Any]:
     segments, info = model.transcribe(path, language=language, beam_size=1)
-    return [{"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text} for s in segments], info
+    out = []
+    for s in segments:  # decoded lazily, 30 s windows at a time: a stop takes effect between them
+        if stop.is_set():
+            raise Stopped
+        out.append({"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text})
+    return out, info
 
 
 class PiperRunner:
@@ -154,7 +162,7 @@ class PiperRunner:
         fmt = params.get("format") or "wav"
         voice, lock = await self.voices.get(params.get("model"))
         async with lock:
-            wav = await asyncio.to_thread(_synthesize, voice, params["text"])
+            wav = await stoppable(lambda stop: _synthesize(voice, params["text"], stop))
         if fmt == "wav":
             return RunResult(files=[OutputFile("speech.wav", "audio/wav", wav)])
         muxer, options = AUDIO_FORMATS[fmt]
@@ -168,8 +176,16 @@ class PiperRunner:
         return RunResult(files=[OutputFile(f"speech.{fmt}", media_type, data)])
 
 
-def _synthesize(voice: Any, text: str) -> bytes:
+def _synthesize(voice: Any, text: str, stop: threading.Event) -> bytes:
+    chunks = []
+    for chunk in voice.synthesize(text):  # a sentence at a time: a stop takes effect between them
+        if stop.is_set():
+            raise Stopped
+        chunks.append(chunk)
     buf = io.BytesIO()
     with wave.open(buf, "wb") as out:
-        voice.synthesize_wav(text, out)
+        out.setframerate(chunks[0].sample_rate if chunks else voice.config.sample_rate)
+        out.setsampwidth(2)
+        out.setnchannels(1)
+        out.writeframes(b"".join(c.audio_int16_bytes for c in chunks))
     return buf.getvalue()

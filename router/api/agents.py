@@ -8,7 +8,7 @@ import time
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
-from gpugate.wire import Done, Failed, Heartbeat, Hello, JobOffer, Progress, Pull, Welcome, agent_message
+from gpugate.wire import Done, Failed, Heartbeat, Hello, JobOffer, Progress, Pull, StopJob, Welcome, agent_message
 
 from ..artifacts import extension_for
 from ..state import AGENTS, ARTIFACTS, QUEUE, SETTINGS
@@ -36,8 +36,8 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
         await ws.close(code=4400, message=b"expected hello")
         return ws
 
-    async def send(offer: JobOffer) -> None:
-        await ws.send_str(offer.model_dump_json())
+    async def send(message: JobOffer | StopJob) -> None:
+        await ws.send_str(message.model_dump_json())
 
     agent = app[AGENTS].join(hello, send, ws.close)
     queue = app[QUEUE]

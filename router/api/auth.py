@@ -1,6 +1,7 @@
 """Who may call what: client keys for the public API and artifacts, the agent token for /agent/.
 
-Every path but /health needs one: 401 without a valid credential, 403 for an API the key may not call.
+Every path but /health, /openapi.json and the pages' static files needs one: 401 without a valid
+credential, 403 for an API the key may not call.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from ..keys import authenticate, may_call
 from ..state import KEY, SETTINGS, STORE
 from .errors import ApiError
 
-OPEN = {"/health"}
+OPEN = {"/", "/health", "/openapi.json", "/ui", "/ui/"}
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.path in OPEN:
+    if request.path in OPEN or request.path.startswith("/ui/static/"):
         return await handler(request)
     header = request.headers.get("Authorization")
     if request.path.startswith("/agent/"):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 from pydantic import (
     AliasChoices,
     AliasGenerator,
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -45,7 +47,12 @@ def _image_upload(value: Any) -> Upload:
     return Upload(value, probe_image(value))
 
 
-ImageFile = Annotated[Upload, BeforeValidator(_image_upload)]
+def _file_schema(media: str) -> WithJsonSchema:
+    """How a file field looks in the OpenAPI document: a multipart part of this media type."""
+    return WithJsonSchema({"type": "string", "format": "binary", "contentMediaType": media})
+
+
+ImageFile = Annotated[Upload, BeforeValidator(_image_upload), _file_schema("image/*")]
 
 
 def _media_upload(value: Any) -> bytes:
@@ -57,7 +64,7 @@ def _media_upload(value: Any) -> bytes:
     return value
 
 
-MediaFile = Annotated[bytes, BeforeValidator(_media_upload)]
+MediaFile = Annotated[bytes, BeforeValidator(_media_upload), _file_schema("application/octet-stream")]
 
 
 @dataclass
@@ -236,7 +243,9 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
-Seconds = Annotated[float, BeforeValidator(_seconds)]
+Seconds = Annotated[float, BeforeValidator(_seconds), WithJsonSchema(
+    {"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": r"^\d+(:\d+){0,2}(\.\d+)?$"}],
+     "description": "seconds, or HH:MM:SS"})]
 
 
 class Transform(ApiRequest):
@@ -342,12 +351,15 @@ async def read_fields(request: web.Request, max_bytes: int) -> dict[str, Any]:
     """The request's fields from JSON, a form or multipart (file parts as bytes), or the query."""
     if request.content_type == "multipart/form-data":
         fields: dict[str, Any] = {}
-        reader = await request.multipart()
-        async for part in reader:
-            if not isinstance(part, BodyPartReader) or part.name is None:
-                continue
-            data = await _read_part(part, max_bytes)
-            fields[part.name] = bytes(data) if part.filename is not None else data.decode("utf-8", "replace")
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if not isinstance(part, BodyPartReader) or part.name is None:
+                    continue
+                data = await _read_part(part, max_bytes)
+                fields[part.name] = bytes(data) if part.filename is not None else data.decode("utf-8", "replace")
+        except (BadHttpMessage, ValueError, AssertionError) as exc:  # aiohttp's parser on a broken body
+            raise ApiError(400, "SerializationException", f"the multipart body is malformed: {exc}") from None
         return fields
     if request.content_type == "application/x-www-form-urlencoded":
         return dict(await request.post())

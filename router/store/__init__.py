@@ -1,6 +1,7 @@
-"""The router's durable state behind a narrow interface: jobs and API keys.
+"""The router's durable state behind a narrow interface: jobs, callback deliveries and API keys.
 
-Only :mod:`router.queue` (jobs) and :mod:`router.keys` (keys) call it. Every state change of a job
+Only :mod:`router.queue` (jobs), :mod:`router.callbacks` (deliveries), :mod:`router.archive`
+(moving finished jobs out) and :mod:`router.keys` (keys) call it. Every state change of a job
 is one conditional statement (``WHERE state = ... AND attempt = ...``), so a claim is atomic and
 a late answer from an agent that lost its claim changes nothing. :mod:`.sqlite` is the default
 backend; another (PostgreSQL) implements the same protocol.
@@ -48,6 +49,36 @@ class Job:
     finished: float | None = None
 
 
+@dataclass
+class Delivery:
+    """A job's final status on its way to the job's replyTo URL (the persisted outbox)."""
+
+    id: int
+    job_id: int
+    key_id: int | None  # whose webhook secret signs it
+    url: str
+    webhook_id: str  # the same on every attempt: receivers drop duplicates by it
+    body: str  # JSON, fixed when the job finished
+    created: float
+    attempts: int = 0
+    next_at: float = 0.0
+    state: str = "pending"  # then "delivered" or "failed" (gave up)
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """A search over jobs, live or archived; every given field must match."""
+
+    ref_id: str | None = None
+    tag: str | None = None
+    key_id: int | None = None
+    state: str | None = None
+    since: float | None = None  # created at or after (unix time)
+    until: float | None = None  # created before
+    limit: int = 100
+
+
 @dataclass(frozen=True)
 class Key:
     id: int
@@ -57,6 +88,7 @@ class Key:
     admin: bool
     created: float
     revoked: bool
+    webhook_secret: str | None = None  # signs this key's callbacks (else the server's secret)
 
 
 class DuplicateRefId(Exception):
@@ -70,9 +102,17 @@ class Store(Protocol):
     def unfinished_jobs(self) -> list[Job]: ...
     def claim(self, job_id: int, agent: str, attempt: int, now: float) -> bool: ...
     def requeue(self, job: Job, now: float) -> bool: ...
-    def finish(self, job: Job, now: float) -> bool: ...
-    def add_key(self, name: str, digest: str, prefix: str, apis: tuple[str, ...] | None, admin: bool, now: float) -> Key: ...
+    def finish(self, job: Job, now: float, delivery: Delivery | None = None) -> bool: ...
+    def find_jobs(self, query: JobQuery) -> list[Job]: ...
+    def finished_before(self, when: float, limit: int) -> list[Job]: ...
+    def forget_jobs(self, job_ids: list[int]) -> None: ...
+    def due_deliveries(self, now: float, limit: int) -> list[Delivery]: ...
+    def next_delivery_at(self) -> float | None: ...
+    def update_delivery(self, delivery: Delivery) -> None: ...
+    def add_key(self, name: str, digest: str, prefix: str, apis: tuple[str, ...] | None, admin: bool, now: float,
+                webhook_secret: str | None = None) -> Key: ...
     def key_by_digest(self, digest: str) -> Key | None: ...
+    def get_key(self, key_id: int) -> Key | None: ...
     def list_keys(self) -> list[Key]: ...
     def revoke_key(self, key_id: int) -> bool: ...
     def close(self) -> None: ...

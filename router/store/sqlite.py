@@ -9,14 +9,16 @@ a worker thread would cost (see bench/router.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import DuplicateRefId, Job, JobState, Key
+from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key
 
-SCHEMA = """
+JOBS_TABLE = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     api TEXT NOT NULL, capability TEXT NOT NULL, params TEXT NOT NULL, inputs TEXT NOT NULL,
@@ -26,19 +28,30 @@ CREATE TABLE IF NOT EXISTS jobs (
     excluded TEXT NOT NULL DEFAULT '[]', min_free_vram INTEGER NOT NULL DEFAULT 0,
     results TEXT, error TEXT, created REAL NOT NULL, started REAL, finished REAL
 );
+"""
+SCHEMA = JOBS_TABLE + """
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_ref ON jobs (coalesce(key_id, 0), ref_id) WHERE ref_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state) WHERE state IN ('Queued', 'Started');
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished) WHERE finished IS NOT NULL;
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, digest TEXT NOT NULL UNIQUE,
     prefix TEXT NOT NULL, apis TEXT, admin INTEGER NOT NULL, created REAL NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0
+    revoked INTEGER NOT NULL DEFAULT 0, webhook_secret TEXT
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, key_id INTEGER, url TEXT NOT NULL,
+    webhook_id TEXT NOT NULL, body TEXT NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL, state TEXT NOT NULL, last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 'pending';
 """
 
-_JOB_COLUMNS = ("api", "capability", "params", "inputs", "model", "megapixels", "max_attempts", "key_id", "ref_id",
+JOB_COLUMNS = ("api", "capability", "params", "inputs", "model", "megapixels", "max_attempts", "key_id", "ref_id",
                 "tag", "reply_to", "state", "attempt", "agent", "excluded", "min_free_vram", "results", "error",
                 "created", "started", "finished")
 _JSON = {"params", "inputs", "excluded", "results", "error"}
+_DELIVERY_COLUMNS = ("job_id", "key_id", "url", "webhook_id", "body", "created", "attempts", "next_at", "state",
+                     "last_error")
 
 
 class SqliteStore:
@@ -50,6 +63,9 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")  # `gpugate keys` may write while the router runs
         self._db.executescript(SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(api_keys)")}
+        if "webhook_secret" not in columns:  # a store made before callbacks were signed per key
+            self._db.execute("ALTER TABLE api_keys ADD COLUMN webhook_secret TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -57,26 +73,26 @@ class SqliteStore:
     # ---- jobs ------------------------------------------------------------------------------------
 
     def add_job(self, job: Job) -> Job:
-        values = [_encode(c, getattr(job, c)) for c in _JOB_COLUMNS]
+        values = [encode(c, getattr(job, c)) for c in JOB_COLUMNS]
         try:
             cur = self._db.execute(
-                f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", values)
+                f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})", values)
         except sqlite3.IntegrityError as exc:
             raise DuplicateRefId(job.ref_id) from exc
         job.id = cur.lastrowid or 0
         return job
 
     def get_job(self, job_id: int) -> Job | None:
-        return _job(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return job_of(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def get_job_by_ref(self, key_id: int | None, ref_id: str) -> Job | None:
         row = self._db.execute("SELECT * FROM jobs WHERE coalesce(key_id, 0) = ? AND ref_id = ?",
                                (key_id or 0, ref_id)).fetchone()
-        return _job(row)
+        return job_of(row)
 
     def unfinished_jobs(self) -> list[Job]:
         rows = self._db.execute("SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY id", (JobState.QUEUED, JobState.STARTED))
-        return [j for j in map(_job, rows) if j is not None]
+        return [j for j in map(job_of, rows) if j is not None]
 
     def claim(self, job_id: int, agent: str, attempt: int, now: float) -> bool:
         cur = self._db.execute(
@@ -91,24 +107,63 @@ class SqliteStore:
             (JobState.QUEUED, json.dumps(job.excluded), job.min_free_vram, job.id, JobState.STARTED, job.attempt))
         return cur.rowcount == 1
 
-    def finish(self, job: Job, now: float) -> bool:
-        """Record a final state; only the attempt that holds the job (or a queued job) can."""
-        cur = self._db.execute(
-            "UPDATE jobs SET state = ?, results = ?, error = ?, finished = ? "
-            "WHERE id = ? AND attempt = ? AND state IN (?, ?)",
-            (job.state, _encode("results", job.results), _encode("error", job.error), now, job.id, job.attempt,
-             JobState.QUEUED, JobState.STARTED))
+    def finish(self, job: Job, now: float, delivery: Delivery | None = None) -> bool:
+        """Record a final state, and its callback in the same transaction; only the attempt that holds
+        the job (or a queued job) can."""
+        with self._transaction():
+            cur = self._db.execute(
+                "UPDATE jobs SET state = ?, results = ?, error = ?, finished = ? "
+                "WHERE id = ? AND attempt = ? AND state IN (?, ?)",
+                (job.state, encode("results", job.results), encode("error", job.error), now, job.id, job.attempt,
+                 JobState.QUEUED, JobState.STARTED))
+            if cur.rowcount == 1 and delivery is not None:
+                values = [getattr(delivery, c) for c in _DELIVERY_COLUMNS]
+                delivery.id = self._db.execute(
+                    f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) VALUES ({', '.join('?' * len(values))})",
+                    values).lastrowid or 0
         return cur.rowcount == 1
+
+    def find_jobs(self, query: JobQuery) -> list[Job]:
+        return find_jobs(self._db, query)
+
+    def finished_before(self, when: float, limit: int) -> list[Job]:
+        rows = self._db.execute("SELECT * FROM jobs WHERE finished IS NOT NULL AND finished < ? ORDER BY id LIMIT ?",
+                                (when, limit))
+        return [j for j in map(job_of, rows) if j is not None]
+
+    def forget_jobs(self, job_ids: list[int]) -> None:
+        with self._transaction():
+            self._db.executemany("DELETE FROM jobs WHERE id = ? AND finished IS NOT NULL", [(i,) for i in job_ids])
+
+    # ---- callback deliveries -----------------------------------------------------------------------
+
+    def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        rows = self._db.execute("SELECT * FROM deliveries WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT ?",
+                                (now, limit))
+        return [Delivery(id=r["id"], **{c: r[c] for c in _DELIVERY_COLUMNS}) for r in rows]
+
+    def next_delivery_at(self) -> float | None:
+        return self._db.execute("SELECT min(next_at) FROM deliveries WHERE state = 'pending'").fetchone()[0]
+
+    def update_delivery(self, delivery: Delivery) -> None:
+        self._db.execute("UPDATE deliveries SET attempts = ?, next_at = ?, state = ?, last_error = ? WHERE id = ?",
+                         (delivery.attempts, delivery.next_at, delivery.state, delivery.last_error, delivery.id))
 
     # ---- keys ------------------------------------------------------------------------------------
 
-    def add_key(self, name: str, digest: str, prefix: str, apis: tuple[str, ...] | None, admin: bool, now: float) -> Key:
-        cur = self._db.execute("INSERT INTO api_keys (name, digest, prefix, apis, admin, created) VALUES (?, ?, ?, ?, ?, ?)",
-                               (name, digest, prefix, json.dumps(apis) if apis is not None else None, int(admin), now))
-        return Key(cur.lastrowid or 0, name, prefix, apis, admin, now, False)
+    def add_key(self, name: str, digest: str, prefix: str, apis: tuple[str, ...] | None, admin: bool, now: float,
+                webhook_secret: str | None = None) -> Key:
+        cur = self._db.execute(
+            "INSERT INTO api_keys (name, digest, prefix, apis, admin, created, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, digest, prefix, json.dumps(apis) if apis is not None else None, int(admin), now, webhook_secret))
+        return Key(cur.lastrowid or 0, name, prefix, apis, admin, now, False, webhook_secret)
 
     def key_by_digest(self, digest: str) -> Key | None:
         row = self._db.execute("SELECT * FROM api_keys WHERE digest = ?", (digest,)).fetchone()
+        return _key(row) if row else None
+
+    def get_key(self, key_id: int) -> Key | None:
+        row = self._db.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         return _key(row) if row else None
 
     def list_keys(self) -> list[Key]:
@@ -118,17 +173,47 @@ class SqliteStore:
         return self._db.execute("UPDATE api_keys SET revoked = 1 WHERE id = ? AND revoked = 0", (key_id,)).rowcount == 1
 
 
-def _encode(column: str, value: Any) -> Any:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def find_jobs(db: sqlite3.Connection, query: JobQuery) -> list[Job]:
+    """Jobs matching ``query``, newest first; shared by the live store and the monthly archives."""
+    where, args = [], []
+    for column, value in (("ref_id", query.ref_id), ("tag", query.tag), ("key_id", query.key_id),
+                          ("state", query.state)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if query.since is not None:
+        where.append("created >= ?")
+        args.append(query.since)
+    if query.until is not None:
+        where.append("created < ?")
+        args.append(query.until)
+    sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id DESC LIMIT ?"
+    return [j for j in map(job_of, db.execute(sql, (*args, query.limit))) if j is not None]
+
+
+def encode(column: str, value: Any) -> Any:
     return json.dumps(value) if column in _JSON and value is not None else value
 
 
-def _job(row: sqlite3.Row | None) -> Job | None:
+def job_of(row: sqlite3.Row | None) -> Job | None:
     if row is None:
         return None
-    data = {c: (json.loads(row[c]) if c in _JSON and row[c] is not None else row[c]) for c in _JOB_COLUMNS}
+    data = {c: (json.loads(row[c]) if c in _JSON and row[c] is not None else row[c]) for c in JOB_COLUMNS}
     return Job(id=row["id"], **data)
 
 
 def _key(row: sqlite3.Row) -> Key:
     apis = tuple(json.loads(row["apis"])) if row["apis"] is not None else None
-    return Key(row["id"], row["name"], row["prefix"], apis, bool(row["admin"]), row["created"], bool(row["revoked"]))
+    return Key(row["id"], row["name"], row["prefix"], apis, bool(row["admin"]), row["created"], bool(row["revoked"]),
+               row["webhook_secret"])

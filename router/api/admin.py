@@ -1,0 +1,124 @@
+"""For operators (admin keys only): API keys, the live dashboard's data, and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+
+from gpugate.errors import FieldError
+
+from ..keys import create_key
+from ..state import AGENTS, CALLBACKS, KEY, METRICS, QUEUE, STORE
+from ..store import JobQuery, JobState, Key
+from .errors import ApiError, invalid
+from .public import base_url
+from .requests import read_fields
+from .responses import AgentInfo, Dashboard, DeviceInfo, JobSummary, KeyInfo, KeysResponse, NewKeyResponse
+
+DASHBOARD_EVERY_S = 1.0
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.get("/api/ListApiKeys", list_keys), web.post("/api/CreateApiKey", create),
+            web.post("/api/RevokeApiKey", revoke), web.get("/api/GetDashboard", dashboard),
+            web.get("/api/GetDashboardEvents", dashboard_events), web.get("/metrics", metrics)]
+
+
+def _admin(request: web.Request) -> Key:
+    key: Key = request[KEY]
+    if not key.admin:
+        raise ApiError(403, "Forbidden", "an admin key is required")
+    return key
+
+
+def _key_info(key: Key) -> KeyInfo:
+    return KeyInfo.model_validate({**key.__dict__, "apis": list(key.apis) if key.apis is not None else None})
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response(KeysResponse(keys=[_key_info(k) for k in request.app[STORE].list_keys()]).body())
+
+
+def _api_list(value: Any) -> Any:
+    return [a.strip() for a in value.split(",") if a.strip()] if isinstance(value, str) else value
+
+
+class NewKeyRequest(BaseModel):
+    name: Annotated[str, Field(max_length=200)] = ""
+    apis: Annotated[list[str] | None, BeforeValidator(_api_list)] = None  # a list or "A,B"; none: every API
+    admin: bool = False
+
+
+class RevokeKeyRequest(BaseModel):
+    id: Annotated[int, Field(ge=1, lt=2**63)]
+
+
+def _parse(model: type[BaseModel], fields: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise invalid([FieldError(".".join(map(str, e["loc"])) or "body", e["msg"]) for e in exc.errors()]) from None
+
+
+async def create(request: web.Request) -> web.Response:
+    _admin(request)
+    asked: NewKeyRequest = _parse(NewKeyRequest, await read_fields(request, 2**20))
+    new = create_key(request.app[STORE], asked.name, tuple(asked.apis) if asked.apis else None, asked.admin)
+    return web.json_response(NewKeyResponse(key=_key_info(new.key), token=new.token,
+                                            webhook_secret=new.key.webhook_secret or "").body())
+
+
+async def revoke(request: web.Request) -> web.Response:
+    _admin(request)
+    asked: RevokeKeyRequest = _parse(RevokeKeyRequest, await read_fields(request, 2**20))
+    if not request.app[STORE].revoke_key(asked.id):
+        raise ApiError(404, "NotFound", f"no active key {asked.id}")
+    return web.json_response(_key_info(next(k for k in request.app[STORE].list_keys() if k.id == asked.id)).body())
+
+
+def _dashboard(request: web.Request) -> Dashboard:
+    app = request.app
+    queue = app[QUEUE]
+    live = list(queue.live.values())
+    waiting: dict[str, int] = {}
+    for job in live:
+        if job.state == JobState.QUEUED:
+            waiting[job.api] = waiting.get(job.api, 0) + 1
+    agents = [AgentInfo(name=a.name, cpu_only=a.cpu_only, devices=[DeviceInfo.model_validate(d.model_dump()) for d in a.devices],
+                        loaded=sorted(a.loaded), running=sorted(a.running), capabilities=sorted(a.capabilities),
+                        models=len(a.models)) for a in app[AGENTS].remote()]
+    base = base_url(request)
+    return Dashboard(agents=agents, queue=waiting, running=sum(j.state == JobState.STARTED for j in live),
+                     recent=[JobSummary.of(j, base) for j in queue.find(JobQuery(limit=20))],
+                     throughput=app[METRICS].throughput(time.time()))
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response(_dashboard(request).body())
+
+
+async def dashboard_events(request: web.Request) -> web.StreamResponse:
+    """The dashboard's data as server-sent events, once a second while the client listens."""
+    _admin(request)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionResetError):  # the page was closed
+        while True:
+            await response.write(f"event: dashboard\ndata: {json.dumps(_dashboard(request).body())}\n\n".encode())
+            await asyncio.sleep(DASHBOARD_EVERY_S)
+    return response
+
+
+async def metrics(request: web.Request) -> web.Response:
+    _admin(request)
+    app = request.app
+    text = app[METRICS].render(app[QUEUE].live.values(), app[AGENTS], app[CALLBACKS].outcomes)
+    return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -1,0 +1,144 @@
+"""Jobs after submission: status (with progress), a live event stream, cancel, and the history.
+
+Every look-up takes ``jobId`` or ``refId`` and finds the job live, finished or archived; a key
+sees its own jobs, an admin key every job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, Field, ValidationError
+
+from gpugate.errors import FieldError
+
+from ..state import KEY, QUEUE
+from ..store import Job, JobQuery, JobState, Key
+from .errors import ApiError, invalid
+from .public import base_url
+from .requests import APIS, read_fields
+from .responses import JobSummary, JobsResponse, StatusResponse, status_of
+
+STATUS_APIS = ("GetArtifactGenerationStatus", "GetTextGenerationStatus")
+KEEPALIVE_S = 15.0
+MAX_ID = 2**63  # SQLite's integers
+
+
+def routes() -> list[web.RouteDef]:
+    out = []
+    for name, handler in ((n, get_status) for n in STATUS_APIS):
+        out += [web.get(f"/api/{name}", handler), web.post(f"/api/{name}", handler)]
+    out += [web.get("/api/CancelJob", cancel_job), web.post("/api/CancelJob", cancel_job),
+            web.get("/api/GetJobEvents", job_events),
+            web.get("/api/QueryJobs", query_jobs), web.post("/api/QueryJobs", query_jobs)]
+    return out
+
+
+async def _find_job(request: web.Request) -> Job:
+    """The caller's job named by jobId or refId; 400 without either, 404 if not theirs or unknown."""
+    key: Key = request[KEY]
+    fields = {k.lower(): v for k, v in (await read_fields(request, 2**20)).items()}
+    queue = request.app[QUEUE]
+    if fields.get("jobid") not in (None, ""):
+        try:
+            job_id = int(fields["jobid"])
+        except (TypeError, ValueError):
+            raise invalid([FieldError("jobId", "must be a number")]) from None
+        if not 0 < job_id < MAX_ID:
+            raise invalid([FieldError("jobId", "no job has this id", "out_of_range")])
+        job = queue.get(job_id)
+    elif fields.get("refid"):
+        job = queue.get_by_ref(key.id, str(fields["refid"]))
+    else:
+        raise invalid([FieldError("jobId", "jobId or refId is required", "required")])
+    if job is None or (job.key_id != key.id and not key.admin):
+        raise ApiError(404, "NotFound", "no such job")
+    return job
+
+
+def _status(request: web.Request, job: Job) -> StatusResponse:
+    queue = request.app[QUEUE]
+    model = APIS.get(job.api)
+    return status_of(job, base_url(request), queue.status_text(job), queue.progress.get(job.id),
+                     model.field_names if model else {})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return web.json_response(_status(request, await _find_job(request)).body())
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a queued job (dropped) or a running one (stopped on its agent); both end Cancelled."""
+    job = await _find_job(request)
+    if not await request.app[QUEUE].cancel(job, f"cancelled by key {request[KEY].id}"):
+        raise ApiError(409, "InvalidState", f"job {job.id} has already ended: {job.state}")
+    return web.json_response(_status(request, job).body())
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events for one job: its status now, on each progress, and when it ends (then the
+    stream closes). Each event's data is the status body; the last one's event name is ``result``."""
+    job = await _find_job(request)
+    queue = request.app[QUEUE]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    with queue.watch(job.id) as events, contextlib.suppress(ConnectionResetError):  # or the client left
+        job = queue.get(job.id) or job  # it may have finished before the watch began
+        while job.state in (JobState.QUEUED, JobState.STARTED):
+            await _event(response, "progress", _status(request, job))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KEEPALIVE_S):
+                    while not isinstance(event := await events.get(), Job):
+                        await _event(response, "progress", _status(request, job))
+                    job = event
+                    continue
+            await response.write(b": keep-alive\n\n")
+        await _event(response, "result", _status(request, job))
+        await response.write_eof()
+    return response
+
+
+async def _event(response: web.StreamResponse, name: str, status: StatusResponse) -> None:
+    await response.write(f"event: {name}\ndata: {json.dumps(status.body())}\n\n".encode())
+
+
+class JobFilter(BaseModel):
+    """QueryJobs' fields; dates are ISO 8601 (a date or a date and time, UTC unless it says)."""
+
+    ref_id: str | None = Field(None, alias="refId")
+    tag: str | None = None
+    key_id: int | None = Field(None, alias="keyId", ge=1, lt=MAX_ID)
+    state: str | None = Field(None, pattern="^(Queued|Started|Completed|Failed|Cancelled)$")
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+    def query(self, key: Key | None) -> JobQuery:
+        """The search; a client key only ever sees its own jobs (None: an operator on the command line)."""
+        return JobQuery(ref_id=self.ref_id, tag=self.tag, key_id=key.id if key and not key.admin else self.key_id,
+                        state=self.state,
+                        since=_timestamp(self.since), until=_timestamp(self.until), limit=self.limit)
+
+
+def _timestamp(when: dt.datetime | None) -> float | None:
+    if when is None:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+async def query_jobs(request: web.Request) -> web.Response:
+    """Jobs by refId, tag, key (admin only), state and date, newest first, live and archived."""
+    fields: dict[str, Any] = {k: v for k, v in (await read_fields(request, 2**20)).items() if v not in ("", None)}
+    try:
+        filters = JobFilter.model_validate(fields)
+    except ValidationError as exc:
+        raise invalid([FieldError(".".join(map(str, e["loc"])) or "query", e["msg"]) for e in exc.errors()]) from None
+    jobs = request.app[QUEUE].find(filters.query(request[KEY]))
+    base = base_url(request)
+    return web.json_response(JobsResponse(jobs=[JobSummary.of(j, base) for j in jobs]).body())

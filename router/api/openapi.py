@@ -1,0 +1,143 @@
+"""/openapi.json: an OpenAPI 3.1 document of every public API, generated from the pydantic models
+that validate the requests (requests.py, jobs.py, admin.py) and shape the answers (responses.py).
+There is no second copy to keep in step: a field added to a model appears here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from gpugate import __version__
+
+from . import responses as r
+from .admin import NewKeyRequest, RevokeKeyRequest
+from .jobs import STATUS_APIS, JobFilter
+from .requests import APIS, ApiRequest, Echo, Transform
+
+REF = "#/components/schemas/{model}"
+ERRORS = {"400": "A field is invalid (one entry per field)", "401": "No valid API key",
+          "403": "This key may not call this API", "404": "No such job or file", "413": "An upload is too large",
+          "500": "The job failed on its agent"}
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.get("/openapi.json", serve)]
+
+
+async def serve(request: web.Request) -> web.Response:
+    from ..state import SETTINGS
+
+    return web.json_response(document(request.app[SETTINGS].router.echo_api))
+
+
+@functools.cache
+def document(echo: bool = False) -> dict[str, Any]:
+    apis = {**APIS, **({"Echo": Echo} if echo else {})}
+    inputs: list[type[BaseModel]] = [*apis.values(), r.JobLookup, JobFilter, NewKeyRequest, RevokeKeyRequest]
+    outputs: list[type[BaseModel]] = [r.GenerationResponse, r.QueueResponse, r.StatusResponse, r.ErrorResponse,
+                                      r.JobsResponse, r.Dashboard, r.KeysResponse, r.NewKeyResponse, r.KeyInfo]
+    _, schemas = models_json_schema([(m, "validation") for m in inputs] + [(m, "serialization") for m in outputs],
+                                    by_alias=True, ref_template=REF)
+    paths: dict[str, Any] = {}
+    for name, model in apis.items():
+        group = "media" if issubclass(model, Transform) else ("speech" if name in ("SpeechToText", "TextToSpeech") else "generation")
+        body = _request_body(model, schemas["$defs"][model.__name__])
+        sync = {"anyOf": [_ref(r.GenerationResponse), _ref(r.QueueResponse)]}
+        paths[f"/api/{name}"] = {"post": _operation(name, group, _summary(model), body, sync,
+                                                    "The results; or, past the sync timeout, the job's reference")}
+        paths[f"/api/Queue{name}"] = {"post": _operation(f"Queue{name}", group, f"Queue {_summary(model)[0].lower()}"
+                                                         f"{_summary(model)[1:]}; poll the status or pass replyTo",
+                                                         body, _ref(r.QueueResponse), "The job's reference")}
+    lookup = _json_body(r.JobLookup)
+    lookup_params = [_query("jobId", {"type": "integer"}), _query("refId", {"type": "string"})]
+    for name in STATUS_APIS:
+        paths[f"/api/{name}"] = _get_and_post(name, "jobs", "A job's state, progress while it runs, and results",
+                                              lookup_params, lookup, _ref(r.StatusResponse))
+    paths["/api/CancelJob"] = _get_and_post("CancelJob", "jobs", "Cancel a queued or running job",
+                                            lookup_params, lookup, _ref(r.StatusResponse))
+    paths["/api/GetJobEvents"] = {"get": _operation(
+        "GetJobEvents", "jobs", "Server-sent events: the job's status on each progress, then its result", None,
+        None, "text/event-stream; each event's data is a StatusResponse", params=lookup_params,
+        content={"text/event-stream": {"schema": {"type": "string"}}})}
+    filter_params = [_query(k, v) for k, v in schemas["$defs"]["JobFilter"]["properties"].items()]
+    paths["/api/QueryJobs"] = _get_and_post("QueryJobs", "jobs", "Jobs by refId, tag, key, state and date",
+                                            filter_params, _json_body(JobFilter), _ref(r.JobsResponse))
+    paths["/api/GetDashboard"] = {"get": _operation("GetDashboard", "admin", "Agents, queue and recent jobs (admin)",
+                                                    None, _ref(r.Dashboard), "The fleet now")}
+    paths["/api/GetDashboardEvents"] = {"get": _operation(
+        "GetDashboardEvents", "admin", "The dashboard as server-sent events, once a second (admin)", None, None,
+        "text/event-stream; each event's data is a Dashboard", content={"text/event-stream": {"schema": {"type": "string"}}})}
+    paths["/api/ListApiKeys"] = {"get": _operation("ListApiKeys", "admin", "The API keys (admin)", None,
+                                                   _ref(r.KeysResponse), "The keys, never their tokens")}
+    paths["/api/CreateApiKey"] = {"post": _operation("CreateApiKey", "admin", "Make an API key (admin)",
+                                                     _json_body(NewKeyRequest), _ref(r.NewKeyResponse), "The new key")}
+    paths["/api/RevokeApiKey"] = {"post": _operation("RevokeApiKey", "admin", "Revoke an API key (admin)",
+                                                     _json_body(RevokeKeyRequest), _ref(r.KeyInfo), "The revoked key")}
+    paths["/artifacts/{name}"] = {"get": _operation(
+        "GetArtifact", "files", "A result or uploaded file", None, None, "The file",
+        params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        content={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})}
+    paths["/metrics"] = {"get": _operation("GetMetrics", "admin", "Prometheus metrics (admin)", None, None,
+                                           "Prometheus text format", content={"text/plain": {"schema": {"type": "string"}}})}
+    paths["/health"] = {"get": {"operationId": "Health", "tags": ["admin"], "summary": "Liveness", "security": [],
+                                "responses": {"200": {"description": "The router is up"}}}}
+    return {"openapi": "3.1.0",
+            "info": {"title": "gpugate", "version": __version__,
+                     "description": "AI Server's public API on your own GPUs: generation, speech and media jobs, "
+                                    "sync or queued, with signed ReplyTo callbacks."},
+            "paths": paths,
+            "components": {"schemas": schemas["$defs"],
+                           "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
+                                                          "description": "Authorization: Bearer <api key>"}}},
+            "security": [{"apiKey": []}]}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _summary(model: type[BaseModel]) -> str:
+    doc = (model.__dict__.get("__doc__") or "").strip()
+    return doc.splitlines()[0] if doc else model.__name__
+
+
+def _request_body(model: type[ApiRequest], schema: dict[str, Any]) -> dict[str, Any]:
+    """Multipart always (files are parts); JSON too when the API takes no file."""
+    has_files = any(p.get("format") == "binary" for p in schema.get("properties", {}).values())
+    content = {"multipart/form-data": {"schema": _ref(model)}}
+    if not has_files:
+        content["application/json"] = {"schema": _ref(model)}
+    return {"required": True, "content": content}
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+def _operation(operation_id: str, tag: str, summary: str, body: dict[str, Any] | None, schema: dict[str, Any] | None,
+               description: str, params: list[dict[str, Any]] | None = None,
+               content: dict[str, Any] | None = None) -> dict[str, Any]:
+    ok = {"description": description, "content": content or {"application/json": {"schema": schema}}}
+    operation: dict[str, Any] = {"operationId": operation_id, "tags": [tag], "summary": summary,
+                                 "responses": {"200": ok, **{code: {"description": text, "content": {
+                                     "application/json": {"schema": _ref(r.ErrorResponse)}}} for code, text in ERRORS.items()}}}
+    if body is not None:
+        operation["requestBody"] = body
+    if params:
+        operation["parameters"] = params
+    return operation
+
+
+def _get_and_post(name: str, tag: str, summary: str, params: list[dict[str, Any]], body: dict[str, Any],
+                  schema: dict[str, Any]) -> dict[str, Any]:
+    return {"get": _operation(name, tag, summary, None, schema, "OK", params=params),
+            "post": _operation(f"{name}Post", tag, summary, body, schema, "OK")}

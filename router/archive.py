@@ -1,0 +1,125 @@
+"""Finished jobs, out of the live store: one SQLite file per month, data/archive/YYYY-MM.db.
+
+Each file holds the live store's jobs table (request, result names, timings, agent, key, error),
+filed by the month the job was queued (UTC). The mover copies a batch of old finished jobs into
+their files, then deletes them from the live store; a crash between the two only repeats the copy,
+which replaces rows by id. Queries run over the live store and the archive alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .store import Job, JobQuery, Store
+from .store.sqlite import JOB_COLUMNS, JOBS_TABLE, encode, find_jobs, job_of
+
+log = logging.getLogger(__name__)
+BATCH = 500
+INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_ref ON jobs (key_id, ref_id);
+CREATE INDEX IF NOT EXISTS jobs_tag ON jobs (tag);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
+"""
+
+
+def month_of(when: float) -> str:
+    return time.strftime("%Y-%m", time.gmtime(when))
+
+
+class JobArchive:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def files(self) -> list[Path]:
+        """The monthly files, newest first."""
+        return sorted(self.folder.glob("[0-9][0-9][0-9][0-9]-[0-9][0-9].db"), reverse=True)
+
+    def put(self, jobs: list[Job]) -> None:
+        by_month: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_month.setdefault(month_of(job.created), []).append(job)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        columns = ("id", *JOB_COLUMNS)
+        sql = f"INSERT OR REPLACE INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        for month, batch in by_month.items():
+            with self._open(self.folder / f"{month}.db", create=True) as db, db:
+                db.executemany(sql, [[job.id, *(encode(c, getattr(job, c)) for c in JOB_COLUMNS)] for job in batch])
+
+    def find(self, query: JobQuery) -> list[Job]:
+        found: list[Job] = []
+        for path in self.files():
+            month = path.stem
+            if (query.since is not None and month < month_of(query.since)) or len(found) >= query.limit:
+                break
+            if query.until is not None and month > month_of(query.until):
+                continue
+            with self._open(path) as db:
+                found += find_jobs(db, dataclasses.replace(query, limit=query.limit - len(found)))
+        return found
+
+    def get(self, job_id: int) -> Job | None:
+        for path in self.files():
+            with self._open(path) as db:
+                if (job := job_of(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())) is not None:
+                    return job
+        return None
+
+    def get_by_ref(self, key_id: int | None, ref_id: str) -> Job | None:
+        for path in self.files():
+            with self._open(path) as db:
+                row = db.execute("SELECT * FROM jobs WHERE coalesce(key_id, 0) = ? AND ref_id = ? ORDER BY id DESC",
+                                 (key_id or 0, ref_id)).fetchone()
+                if (job := job_of(row)) is not None:
+                    return job
+        return None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _open(path: Path, create: bool = False) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(path if create else f"file:{path}?mode=ro", uri=not create)
+        db.row_factory = sqlite3.Row
+        try:
+            if create:
+                db.executescript(JOBS_TABLE + INDEXES)
+            yield db
+        finally:
+            db.close()
+
+
+async def archive_finished(store: Store, archive: JobArchive, older_than_s: float) -> int:
+    """Move finished jobs older than ``older_than_s`` into the archive; how many moved. The archive
+    files are written in a worker thread; the live store stays on the event loop's thread."""
+    moved = 0
+    while jobs := store.finished_before(time.time() - older_than_s, BATCH):
+        await asyncio.to_thread(archive.put, jobs)
+        store.forget_jobs([j.id for j in jobs])
+        moved += len(jobs)
+    return moved
+
+
+async def keep_archiving(store: Store, archive: JobArchive, older_than_s: float, every_s: float) -> None:
+    """The router's archiving task."""
+    while True:
+        moved = await archive_finished(store, archive, older_than_s)
+        if moved:
+            log.info("jobs archived", extra={"jobs": moved})
+        await asyncio.sleep(every_s)
+
+
+def find_everywhere(store: Store, archive: JobArchive, query: JobQuery) -> list[Job]:
+    """Jobs matching ``query`` in the live store and the archive, newest first."""
+    found = {j.id: j for j in store.find_jobs(query)}
+    if len(found) < query.limit:
+        found |= {j.id: j for j in archive.find(query) if j.id not in found}
+    return sorted(found.values(), key=lambda j: -j.id)[:query.limit]
+
+
+def get_anywhere(store: Store, archive: JobArchive, job_id: int) -> Job | None:
+    return store.get_job(job_id) or archive.get(job_id)

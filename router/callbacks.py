@@ -1,0 +1,160 @@
+"""ReplyTo callbacks: a finished job's final status, POSTed to the URL its Queue* call gave.
+
+- The body is what GetArtifactGenerationStatus / GetTextGenerationStatus answers for the job.
+- It is written to the store's outbox (the deliveries table) in the same transaction that
+  finishes the job, so a router restart loses no delivery; a sender task drains the outbox.
+- Every attempt is signed the Standard Webhooks way (webhook-id, webhook-timestamp,
+  webhook-signature = v1,base64(HMAC-SHA256(secret, "id.timestamp.body"))) with the job's key's
+  webhook secret, or the server's. The webhook-id is the same on every attempt, so a receiver that
+  saw it already can drop the repeat.
+- Failed attempts are retried with exponential backoff until ``callback_give_up_s`` after the job
+  finished. A dead or slow receiver only delays its own deliveries (a timeout per attempt).
+- A replyTo on a loopback, private, link-local or otherwise non-public address is refused, at
+  submission and again before each attempt (DNS can change), unless an allowed network holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from gpugate.settings import Router as RouterSettings
+
+from .api.responses import status_of, status_text
+from .store import Delivery, Job, Store
+
+log = logging.getLogger(__name__)
+BATCH = 32  # deliveries attempted at once
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The webhook-signature header value for one attempt."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def next_attempt_at(delivery: Delivery, now: float, settings: RouterSettings) -> float | None:
+    """When to try a failed delivery again (pure): the wait doubles from ``callback_retry_s`` up to
+    ``callback_retry_max_s``; None once past ``callback_give_up_s``."""
+    wait = min(settings.callback_retry_s * 2 ** max(delivery.attempts - 1, 0), settings.callback_retry_max_s)
+    at = now + wait
+    return at if at <= delivery.created + settings.callback_give_up_s else None
+
+
+def address_problem(addresses: Iterable[IpAddress], allowed: Iterable[str]) -> str | None:
+    """Why a callback may not go to these addresses, or None (pure)."""
+    networks = [ipaddress.ip_network(n, strict=False) for n in allowed]
+    for address in addresses:
+        if any(address in network for network in networks):
+            continue
+        if not address.is_global or address.is_multicast:
+            return f"points at a non-public address ({address}); only public addresses may receive callbacks"
+    return None
+
+
+async def reply_to_problem(url: str, allowed: Iterable[str]) -> str | None:
+    """Why ``url`` cannot receive callbacks (bad URL, unresolvable host, non-public address), or None."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https") or not host:
+        return "must be an http:// or https:// URL"
+    try:
+        addresses: list[IpAddress] = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError, ValueError):
+            return f"host {host!r} does not resolve"
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    return address_problem(addresses, allowed)
+
+
+class CallbackSender:
+    """Makes a finished job's delivery (for the queue) and drains the outbox (a task of its own)."""
+
+    def __init__(self, store: Store, settings: RouterSettings, server_secret: str,
+                 field_names: Callable[[str], dict[str, str]]) -> None:
+        self.store, self.settings, self.server_secret = store, settings, server_secret
+        self._field_names = field_names
+        self.base_url = (settings.public_base_url or settings.local_url).rstrip("/")
+        self.outcomes = {"delivered": 0, "retried": 0, "failed": 0}  # since start, for /metrics
+        self._wake = asyncio.Event()
+
+    def delivery_for(self, job: Job) -> Delivery | None:
+        """The delivery a job that just finished owes (None without replyTo); the queue stores it."""
+        if not job.reply_to:
+            return None
+        status = status_of(job, self.base_url, status_text(job), None, self._field_names(job.api))
+        now = time.time()
+        self._wake.set()
+        return Delivery(id=0, job_id=job.id, key_id=job.key_id, url=job.reply_to, webhook_id=f"msg_{secrets.token_hex(12)}",
+                        body=json.dumps(status.body(), separators=(",", ":")), created=now, next_at=now)
+
+    async def run(self) -> None:
+        """Deliver whatever is due; sleep until the next is due or a job finishes."""
+        timeout = aiohttp.ClientTimeout(total=self.settings.callback_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "gpugate-callbacks"}) as http:
+            while True:
+                self._wake.clear()
+                due = self.store.due_deliveries(time.time(), BATCH)
+                await asyncio.gather(*(self._attempt(http, d) for d in due))
+                if len(due) == BATCH:
+                    continue
+                next_at = self.store.next_delivery_at()
+                wait = max(0.0, next_at - time.time()) if next_at is not None else None
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    pass
+
+    async def _attempt(self, http: aiohttp.ClientSession, delivery: Delivery) -> None:
+        delivery.attempts += 1
+        error = await reply_to_problem(delivery.url, self.settings.callback_allow_networks)
+        if error is None:
+            error = await self._post(http, delivery)
+        extra = {"job": delivery.job_id, "url": delivery.url, "attempt": delivery.attempts}
+        if error is None:
+            delivery.state, delivery.last_error = "delivered", None
+            log.info("callback delivered", extra=extra)
+        else:
+            delivery.last_error = error
+            next_at = next_attempt_at(delivery, time.time(), self.settings)
+            if next_at is None or error.startswith("points at"):
+                delivery.state = "failed"
+                log.warning("callback given up", extra={**extra, "error": error})
+            else:
+                delivery.next_at = next_at
+                log.info("callback failed; will retry", extra={**extra, "error": error, "in_s": round(next_at - time.time(), 1)})
+        self.outcomes["retried" if delivery.state == "pending" else delivery.state] += 1
+        self.store.update_delivery(delivery)
+
+    async def _post(self, http: aiohttp.ClientSession, delivery: Delivery) -> str | None:
+        """One signed POST; None on a 2xx answer, else what went wrong."""
+        key = self.store.get_key(delivery.key_id) if delivery.key_id is not None else None
+        secret = key.webhook_secret if key is not None and key.webhook_secret else self.server_secret
+        body = delivery.body.encode()
+        timestamp = int(time.time())
+        headers = {"Content-Type": "application/json", "webhook-id": delivery.webhook_id,
+                   "webhook-timestamp": str(timestamp), "webhook-signature": sign(secret, delivery.webhook_id, timestamp, body)}
+        try:
+            async with http.post(delivery.url, data=body, headers=headers, allow_redirects=False) as r:
+                return None if 200 <= r.status < 300 else f"answered HTTP {r.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,101 @@
+"""What the router counts, and /metrics in Prometheus' text format (written out here: a dozen lines
+of format do not need a client library).
+
+Counted as jobs finish: jobs by API and final state, and how long they took from queued to
+finished (a histogram per API). Read at scrape time: queue depth per API, live jobs by state,
+agents online, VRAM per GPU, callback outcomes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+
+from .agents import AgentRegistry
+from .store import Job, JobState
+
+BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, math.inf)  # seconds
+THROUGHPUT_WINDOW_S = 3600
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.finished: Counter[tuple[str, str]] = Counter()  # (api, state) -> jobs
+        self.durations: dict[str, list[float]] = {}  # api -> [count per bucket..., sum]
+        self.recent: deque[float] = deque()  # finish times within the throughput window
+
+    def job_finished(self, job: Job) -> None:
+        self.finished[(job.api, job.state)] += 1
+        took = max(0.0, (job.finished or time.time()) - job.created)
+        row = self.durations.setdefault(job.api, [0.0] * (len(BUCKETS) + 1))
+        for i, bound in enumerate(BUCKETS):
+            if took <= bound:
+                row[i] += 1
+        row[-1] += took
+        self.recent.append(job.finished or time.time())
+        self._trim(time.time())
+
+    def throughput(self, now: float, minutes: int = 60) -> list[int]:
+        """Jobs finished in each of the last ``minutes`` minutes, oldest first."""
+        self._trim(now)
+        counts = [0] * minutes
+        for when in self.recent:
+            age = int((now - when) // 60)
+            if age < minutes:
+                counts[minutes - 1 - age] += 1
+        return counts
+
+    def _trim(self, now: float) -> None:
+        while self.recent and self.recent[0] < now - THROUGHPUT_WINDOW_S:
+            self.recent.popleft()
+
+    def render(self, live: Iterable[Job], agents: AgentRegistry, callbacks: dict[str, int]) -> str:
+        live = list(live)
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]]) -> None:
+            out.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+            out.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples)
+
+        depth = Counter(j.api for j in live if j.state == JobState.QUEUED)
+        family("gpugate_queue_depth", "gauge", "Jobs waiting for an agent, per API.",
+               (({"api": api}, n) for api, n in sorted(depth.items())))
+        states = Counter(j.state for j in live)
+        family("gpugate_jobs", "gauge", "Live jobs by state.",
+               (({"state": s}, states.get(s, 0)) for s in (JobState.QUEUED, JobState.STARTED)))
+        family("gpugate_jobs_finished_total", "counter", "Jobs finished since the router started, by API and state.",
+               (({"api": api, "state": state}, n) for (api, state), n in sorted(self.finished.items())))
+        out.extend(["# HELP gpugate_job_duration_seconds Time from queued to finished, per API.",
+                    "# TYPE gpugate_job_duration_seconds histogram"])
+        for api, row in sorted(self.durations.items()):
+            for bound, count in zip(BUCKETS, row):
+                out.append(f"gpugate_job_duration_seconds_bucket{_labels({'api': api, 'le': _number(bound)})} {_number(count)}")
+            out.append(f"gpugate_job_duration_seconds_sum{_labels({'api': api})} {_number(row[-1])}")
+            out.append(f"gpugate_job_duration_seconds_count{_labels({'api': api})} {_number(row[len(BUCKETS) - 1])}")
+        remote = agents.remote()
+        family("gpugate_agents_online", "gauge", "Agents connected now.", [({}, len(remote))])
+        gpus = [(a.name, d) for a in remote if not a.cpu_only for d in a.devices]
+        family("gpugate_gpu_vram_free_bytes", "gauge", "Free memory per GPU, as last reported.",
+               (({"agent": name, "gpu": str(d.index), "name": d.name}, d.vram_free) for name, d in gpus))
+        family("gpugate_gpu_vram_total_bytes", "gauge", "Memory per GPU.",
+               (({"agent": name, "gpu": str(d.index), "name": d.name}, d.vram_total) for name, d in gpus))
+        family("gpugate_callback_deliveries_total", "counter",
+               "ReplyTo callback attempts since the router started, by outcome (delivered, retried, failed).",
+               (({"outcome": k}, v) for k, v in sorted(callbacks.items())))
+        return "\n".join(out) + "\n"
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    escaped = (f'{k}="{v}"'.replace("\n", r"\n") for k, v in
+               ((k, str(v).replace("\\", r"\\").replace('"', r"\"")) for k, v in labels.items()))
+    return "{" + ",".join(escaped) + "}"
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
