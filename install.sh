@@ -18,13 +18,17 @@ check_python() {
         echo "gpugate needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version 2>&1)" >&2; exit 1; }
 }
 
-install_ffmpeg() {
-    # The media runners call ffmpeg/ffprobe; Debian/Ubuntu's package is enough.
-    command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null && return
+need_debs() {
+    # need_debs "commands..." packages...: install Debian/Ubuntu packages unless the commands exist.
+    local commands=$1; shift
+    local missing=0
+    for command in $commands; do command -v "$command" >/dev/null || missing=1; done
+    [ "$missing" = 0 ] && return
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get install -y -q ffmpeg >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q ffmpeg >/dev/null; }
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
     else
-        echo "gpugate needs ffmpeg: install it (sudo apt-get install ffmpeg) and run this again" >&2; exit 1
+        echo "gpugate needs $*: install them (sudo apt-get install $*) and run this again" >&2; exit 1
     fi
 }
 
@@ -44,7 +48,8 @@ provision_comfyui() {
 }
 
 check_python
-install_ffmpeg
+need_debs "ffmpeg ffprobe" ffmpeg  # the media runners call ffmpeg
+[ "$EXTRAS" = agent,dev ] && need_debs "chromium chromedriver" chromium chromium-driver  # the page tests
 create_venv
 install_packages
 provision_comfyui
