@@ -67,7 +67,8 @@ def test_keys_create_list_revoke(tmp_path: Path, models_dir: Path) -> None:
 
     made = gpugate("create", "--name", "mobile app", "--apis", "TextToImage,ImageUpscale")
     assert made.returncode == 0
-    key_id, token = re.match(r"key (\d+) \(TextToImage, ImageUpscale\): (gg_\S+)", made.stdout).groups()  # type: ignore[union-attr]
+    key_id, token = re.search(r"^key (\d+) \(TextToImage, ImageUpscale\): (gg_\S+)$", made.stdout, re.M).groups()  # type: ignore[union-attr]
+    assert re.search(r"^webhook secret .*: whsec_[A-Za-z0-9+/=]{32}$", made.stdout, re.M)
     listed = gpugate("list").stdout
     assert f"{token[:10]}..." in listed and "mobile app" in listed and token not in listed
     assert gpugate("revoke", key_id).returncode == 0
