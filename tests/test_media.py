@@ -251,3 +251,15 @@ def _png_header(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+async def test_probing_reads_more_when_a_quick_look_leaves_the_video_size_unknown(tmp_path: Path) -> None:
+    from agent.media.ffmpeg import QUICK_PROBE, _read_info, probe
+
+    late = tmp_path / "late-video.ts"  # three seconds of audio before the first video packet
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=duration=6", "-itsoffset", "3", "-f", "lavfi",
+                    "-i", "testsrc2=size=640x480:rate=25:duration=3", "-map", "0:a", "-map", "1:v", "-c:v", "libx264",
+                    "-c:a", "mp2", "-b:a", "384k", "-f", "mpegts", str(late)], check=True)
+    assert _read_info(late, QUICK_PROBE).width == 0, "the quick look alone does not see the frame size"
+    info = await probe(late, "video")
+    assert (info.width, info.height, info.video_codec, info.audio_codec) == (640, 480, "h264", "mp2")

@@ -6,7 +6,8 @@ unsupported file is an :class:`InvalidRequest` naming the field. A run past its 
 killed (:class:`JobTimeout`).
 
 Probing uses FFmpeg's libraries in-process through PyAV (about 2 ms here) rather than the
-ffprobe program (about 128 ms, nearly all of it process start-up); see bench/media.py.
+ffprobe program (about 128 ms, nearly all of it process start-up); see bench/media.py. It reads
+64 KiB first, and more only when that leaves a stream's parameters unknown.
 """
 
 from __future__ import annotations
@@ -54,8 +55,20 @@ async def probe(path: Path, field: str) -> MediaInfo:
     return info
 
 
+QUICK_PROBE = {"probesize": "65536"}  # bytes read to find stream parameters (FFmpeg's default: 5 MB)
+
+
 def _probe(path: Path) -> MediaInfo:
-    with av.open(str(path)) as container:
+    """Probe with a small read first (the default reads 40 ms of a 60 s WAV here); if that leaves a
+    stream's parameters unknown, probe again as FFmpeg would by default."""
+    info = _read_info(path, QUICK_PROBE)
+    if (info.has_video and not (info.width and info.height)) or not (info.has_video or info.has_audio):
+        info = _read_info(path, {})
+    return info
+
+
+def _read_info(path: Path, options: dict[str, str]) -> MediaInfo:
+    with av.open(str(path), options=options) as container:
         video = next((s for s in container.streams.video if not _is_cover_art(s)), None)
         audio = next(iter(container.streams.audio), None)
         duration = container.duration / av.time_base if container.duration else max(
