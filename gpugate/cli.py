@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import FieldError, GpugateError, InvalidRequest, JobFailed
+from .errors import DownloadError, FieldError, GpugateError, InvalidRequest, JobFailed
 from .log import setup_logging
 from .settings import Settings, load_settings
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except GpugateError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, DownloadError) else 2
     except KeyboardInterrupt:
         return 130
 
@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     show = jobs.add_parser("show", help="one job, whole, as JSON")
     show.add_argument("id", type=int)
     show.set_defaults(func=_jobs_show)
+
+    models = commands.add_parser("models", help="the model catalog: what is installed, what can be pulled").add_subparsers(required=True, metavar="ACTION")
+    models.add_parser("list", help="catalog models (installed or not) and other installed files").set_defaults(func=_models_list)
+    pull = models.add_parser("pull", help="download catalog models: resumable, hash-checked, placed for ComfyUI/whisper/piper")
+    pull.add_argument("names", nargs="+", metavar="NAME")
+    pull.add_argument("--quiet", action="store_true", help="no progress bar")
+    pull.set_defaults(func=_models_pull)
 
     inventory = commands.add_parser("inventory", help="start ComfyUI and list the models it can serve, by kind")
     inventory.set_defaults(func=_inventory)
@@ -153,6 +160,40 @@ def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"key {args.id} revoked")
+    return 0
+
+
+def _models_list(settings: Settings, args: argparse.Namespace) -> None:
+    from gpugate.catalog import Catalog
+
+    catalog = Catalog.load(settings.router.catalog)
+    root = settings.paths.models_dir
+    listed = set()
+    for entry in sorted(catalog.entries.values(), key=lambda e: (e.kind, e.name)):
+        size = sum(f.size or 0 for f in entry.files)
+        state = "installed" if entry.installed(root) else ("available" if entry.files else "no download")
+        listed |= {(entry.kind, f.path.split("/")[0]) for f in entry.files} | {(entry.kind, entry.file)}
+        print(f"{entry.name:28} {entry.kind:16} {state:11} {size / 2**30:7.2f} GB  "
+              f"{f'{entry.vram_gb:g} GB VRAM' if entry.vram_gb else '':12} {'default ' if entry.default else ''}{entry.description}".rstrip())
+    others = [(d.name, f.name) for d in sorted(root.iterdir()) if d.is_dir() for f in sorted(d.iterdir())
+              if not f.name.startswith(".") and not f.name.endswith(".partial") and (d.name, f.name) not in listed] \
+        if root.is_dir() else []
+    for kind, name in others:
+        print(f"{name:28} {kind:16} installed   (not in the catalog)")
+
+
+def _models_pull(settings: Settings, args: argparse.Namespace) -> int:
+    from agent.downloads import pull
+    from gpugate.catalog import Catalog
+
+    catalog = Catalog.load(settings.router.catalog)
+    unknown = [n for n in args.names if n not in catalog.entries]
+    if unknown:
+        print(f"error: not in the catalog: {', '.join(unknown)}; see `gpugate models list`", file=sys.stderr)
+        return 2
+    for name in args.names:
+        for path in asyncio.run(pull(catalog.entries[name], settings.paths.models_dir, show_progress=not args.quiet)):
+            print(f"{name}: {path}")
     return 0
 
 

@@ -25,6 +25,10 @@ class ProvisionError(GpugateError):
     """Installing a pinned component failed (download, hash check, extraction)."""
 
 
+class DownloadError(GpugateError):
+    """A model download failed (HTTP error, connection lost past retries, wrong size or hash)."""
+
+
 class EngineUnavailable(GpugateError):
     """An engine (ComfyUI) could not be started or reached within its time limit."""
 

@@ -26,7 +26,7 @@ from .api.auth import auth_middleware
 from .api.errors import error_middleware
 from .artifacts import ArtifactStore
 from .callbacks import CallbackSender
-from .catalog import Catalog
+from gpugate.catalog import Catalog
 from .keys import new_webhook_secret, read_or_make
 from .local import local_worker
 from .metrics import Metrics

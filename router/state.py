@@ -10,7 +10,7 @@ from .agents import AgentRegistry
 from .archive import JobArchive
 from .artifacts import ArtifactStore
 from .callbacks import CallbackSender
-from .catalog import Catalog
+from gpugate.catalog import Catalog
 from .metrics import Metrics
 from .queue import JobQueue
 from .store import Key, Store

@@ -53,6 +53,7 @@ class ComfyEngine:
         self.process: ComfyProcess | None = None
         self.client: ComfyClient | None = None
         self._object_info: dict[str, Any] = {}
+        self._folders_seen: tuple[tuple[str, int], ...] = ()
         self._dirs: dict[str, Path] = {}  # ComfyUI's input/output/temp folders, when we can see them
         self._cleanups: dict[str, asyncio.Task[None]] = {}  # job id -> its cleanup still running
 
@@ -115,9 +116,16 @@ class ComfyEngine:
         self._object_info = await self.client.get_json("/object_info")
 
     async def models(self) -> list[Model]:
-        if not self._object_info:
+        """What ComfyUI can load; its lists are read again when a model folder changed (a pull)."""
+        folders = self._folders_signature()
+        if not self._object_info or folders != self._folders_seen:
             await self.refresh()
+            self._folders_seen = folders
         return list_models(self._object_info, self.settings.paths.models_dir)
+
+    def _folders_signature(self) -> tuple[tuple[str, int], ...]:
+        root = self.settings.paths.models_dir
+        return tuple((d.name, d.stat().st_mtime_ns) for d in sorted(root.iterdir()) if d.is_dir()) if root.is_dir() else ()
 
     async def run(
         self,

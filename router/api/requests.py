@@ -29,7 +29,7 @@ from pydantic.alias_generators import to_camel
 from gpugate.errors import FieldError
 from gpugate.images import ImageInfo, probe_image
 
-from ..catalog import Catalog
+from gpugate.catalog import Catalog
 from .errors import ApiError, invalid
 
 

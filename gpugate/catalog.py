@@ -1,0 +1,90 @@
+"""The model catalog (models/catalog.toml): names clients use, the files they are, and where to
+download them from, with sizes, SHA-256 hashes and the VRAM they need.
+
+The router resolves names to files with it; `gpugate models list/pull` on an agent host downloads
+from it. A name in the catalog maps to its file; a name that is itself a file name (it has an
+extension) is used as is, so a model dropped into an agent's models/ is callable without an entry.
+Speech models (whisper sizes, piper voices) are named, not files, and always pass through. Each
+kind may have a default, used when a request names no model.
+
+An entry downloads as one file (``url``, ``size``, ``sha256``) or several (``[[models.X.files]]``
+with ``path``, ``url``, ``size``, ``sha256``); paths are inside models/<kind>/.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpugate.errors import ConfigError
+
+NAMED_KINDS = ("whisper", "piper")
+
+
+@dataclass(frozen=True)
+class CatalogFile:
+    path: str  # inside models/<kind>/
+    url: str
+    size: int | None
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    kind: str
+    file: str  # what a request resolves to: a file in models/<kind>/, or a whisper/piper model name
+    default: bool = False
+    files: tuple[CatalogFile, ...] = ()  # what to download; empty: not downloadable
+    vram_gb: float | None = None
+    token_env: str | None = None  # an environment variable holding a token for gated downloads
+    description: str = ""
+
+    def installed(self, models_dir: Path) -> bool:
+        folder = models_dir / self.kind
+        return bool(self.files) and all((folder / f.path).is_file() for f in self.files) or (
+            not self.files and (folder / self.file).exists())
+
+
+def _entry(name: str, m: dict[str, Any]) -> CatalogEntry:
+    listed = m.get("files") or ([{"path": m["file"], "url": m["url"], "size": m.get("size"), "sha256": m.get("sha256")}]
+                                if "url" in m else [])
+    files = []
+    for f in listed:
+        sha256 = str(f.get("sha256") or "").lower()
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ConfigError(f"model {name!r}: file {f.get('path')!r} needs its sha256 (64 hex digits)")
+        if Path(f["path"]).is_absolute() or ".." in Path(f["path"]).parts:
+            raise ConfigError(f"model {name!r}: file path {f['path']!r} must stay inside models/{m['kind']}/")
+        files.append(CatalogFile(f["path"], f["url"], f.get("size"), sha256))
+    return CatalogEntry(name, m["kind"], m["file"], bool(m.get("default", False)), tuple(files), m.get("vram_gb"),
+                        m.get("token_env"), m.get("description", ""))
+
+
+class Catalog:
+    def __init__(self, entries: list[CatalogEntry]) -> None:
+        self.entries = {e.name: e for e in entries}
+
+    @classmethod
+    def load(cls, path: Path) -> Catalog:
+        if not path.exists():
+            return cls([])
+        try:
+            data = tomllib.loads(path.read_text())
+            return cls([_entry(name, m) for name, m in data.get("models", {}).items()])
+        except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: {type(exc).__name__}: {exc}") from exc
+
+    def resolve(self, name: str | None, kind: str) -> str | None:
+        """The file for ``name`` (or the kind's default); ValueError with the known names if unknown."""
+        if not name:
+            return next((e.file for e in self.entries.values() if e.kind == kind and e.default), None)
+        entry = self.entries.get(name)
+        if entry is not None and entry.kind == kind:
+            return entry.file
+        if ("." in name or kind in NAMED_KINDS) and "/" not in name:
+            return name
+        known = ", ".join(e.name for e in self.entries.values() if e.kind == kind) or "none"
+        raise ValueError(f"unknown model {name!r}; known: {known}")
