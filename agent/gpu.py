@@ -17,6 +17,25 @@ from gpugate.wire import Device
 
 log = logging.getLogger(__name__)
 GB = 1024**3
+SHARED_RUNNERS = ("speech", "media")  # loaded once per host: on the first GPU's worker only
+
+
+def plan_workers(settings: Settings, devices: list[Device], host: str) -> list[Settings]:
+    """The workers this agent runs (pure): one per GPU when there are several and ``per_gpu`` is on,
+    each named ``<name>-gpu<index>``, pinned to its GPU, with its own ComfyUI folder; speech and
+    media run on the first one only. Otherwise the agent itself is the one worker."""
+    if not settings.agent.per_gpu or settings.agent.gpu is not None or len(devices) < 2:
+        return [settings]
+    name = settings.agent.name or host
+    workers = []
+    for position, device in enumerate(devices):
+        runners = settings.agent.runners if position == 0 else tuple(r for r in settings.agent.runners
+                                                                       if r not in SHARED_RUNNERS)
+        if runners:
+            agent = settings.agent.model_copy(update={"name": f"{name}-gpu{device.index}", "gpu": device.index,
+                                                      "runners": runners})
+            workers.append(settings.model_copy(update={"agent": agent}))
+    return workers
 
 
 @dataclass(frozen=True)
@@ -49,13 +68,14 @@ def list_gpus() -> list[Gpu]:
 
 
 def report_devices(settings: Settings) -> tuple[bool, list[Device]]:
-    """(cpu_only, devices) as the agent reports them now."""
+    """(cpu_only, devices) as the agent reports them now; a worker pinned to one GPU reports only it."""
     override = settings.agent.gpus
     if override is not None:
-        return False, [Device(index=i, name=g.name, vram_total=int(g.vram_total_gb * GB), vram_free=int(g.vram_free_gb * GB))
-                       for i, g in enumerate(override)]
-    gpus = list_gpus()
-    if gpus:
-        return False, [Device(index=g.index, name=g.name, vram_total=g.vram_total, vram_free=g.vram_free) for g in gpus]
+        devices = [Device(index=i, name=g.name, vram_total=int(g.vram_total_gb * GB), vram_free=int(g.vram_free_gb * GB))
+                   for i, g in enumerate(override)]
+    else:
+        devices = [Device(index=g.index, name=g.name, vram_total=g.vram_total, vram_free=g.vram_free) for g in list_gpus()]
+    if devices:
+        return False, [d for d in devices if settings.agent.gpu in (None, d.index)]
     memory = psutil.virtual_memory()
     return True, [Device(index=-1, name="cpu", vram_total=memory.total, vram_free=memory.available)]

@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 
 from gpugate.settings import Settings
 
 from .comfy.engine import ComfyEngine
-from .gpu import report_devices
+from .gpu import plan_workers, report_devices
 from .link import RouterLink
 from .runners import Runner
 from .runners.comfy import ComfyRunner
@@ -55,21 +56,28 @@ async def runners(settings: Settings) -> AsyncIterator[list[Runner]]:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGINT/SIGTERM (or ``stop`` is set), then stop everything and return."""
+    """Run until SIGINT/SIGTERM (or ``stop`` is set), then stop everything and return. On a host with
+    several GPUs, one worker per GPU (agent/gpu.py plan_workers), each with its own link."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         cpu_only, devices = report_devices(settings)
+        workers = plan_workers(settings, [] if cpu_only else devices, socket.gethostname())
         log.info("agent starting", extra={"devices": ",".join(f"{d.index}:{d.name}" for d in devices),
-                                          "cpu_only": cpu_only})
-        async with runners(settings) as offered:
-            models = [f"{m.kind}/{m.name}" for r in offered for m in await r.models()]
+                                          "cpu_only": cpu_only, "workers": len(workers)})
+        async with contextlib.AsyncExitStack() as stack:
+            started = await asyncio.gather(*(stack.enter_async_context(runners(w)) for w in workers),
+                                           return_exceptions=True)  # all settle first: the stack stops those that started
+            if failed := [e for e in started if isinstance(e, BaseException)]:
+                raise failed[0]
+            offered: list[list[Runner]] = started  # type: ignore[assignment]
+            models = sorted({f"{m.kind}/{m.name}" for rs in offered for r in rs for m in await r.models()})
             log.info("agent ready", extra={"models": ",".join(models) or "none"})
             if settings.agent.router_url:
                 print(f"gpugate agent ready, joining {settings.agent.router_url}; Ctrl-C to stop", flush=True)
-                await RouterLink(settings, offered).run(stop)
+                await asyncio.gather(*(RouterLink(w, rs).run(stop) for w, rs in zip(workers, offered)))
             else:
                 print("gpugate agent ready (no router configured); Ctrl-C to stop", flush=True)
                 await stop.wait()

@@ -165,6 +165,10 @@ class Agent(_Section):
     concurrency: int = 1  # jobs at once; ComfyUI itself runs one prompt at a time
     heartbeat_s: float = 3.0
     gpus: tuple[GpuOverride, ...] | None = None  # report these instead of what NVML sees
+    # On a host with several GPUs: one worker per GPU (its own ComfyUI pinned with CUDA_VISIBLE_DEVICES,
+    # its own link named <name>-gpu<index>, reporting only that GPU), so the router places jobs per GPU.
+    per_gpu: bool = True
+    gpu: int | None = None  # this worker's GPU (set per worker; or by hand to serve one GPU only)
     # what this agent offers: comfy (the workflows), speech (whisper, piper), media (ffmpeg), echo (benchmarks)
     runners: tuple[Literal["comfy", "speech", "media", "echo"], ...] = ("comfy", "speech", "media")
 
@@ -199,7 +203,7 @@ class Settings(_Section):
     @property
     def comfy_state_dir(self) -> Path:
         """ComfyUI's base directory (input, output, temp, user) for the ComfyUI this agent runs."""
-        return self.paths.data_dir / "comfyui"
+        return self.paths.data_dir / ("comfyui" if self.agent.gpu is None else f"comfyui-gpu{self.agent.gpu}")
 
 
 def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

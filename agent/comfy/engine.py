@@ -78,8 +78,9 @@ class ComfyEngine:
             self._dirs = {k: v for k, v in (("input", comfy.attach_input_dir), ("output", comfy.attach_output_dir)) if v}
         else:
             spec = launch.prepare(self.settings, use_cuda=self._use_cuda())
+            gpu = self.settings.agent.gpu  # a per-GPU worker's ComfyUI sees only its GPU (as cuda:0)
             self.process = ComfyProcess(
-                spec.command, url=spec.url, cwd=spec.cwd,
+                spec.command, url=spec.url, cwd=spec.cwd, env={"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else None,
                 startup_timeout_s=comfy.startup_timeout_s, backoff_s=comfy.restart_backoff_s,
                 backoff_max_s=comfy.restart_backoff_max_s, on_exit=self._on_comfy_exit,
             )

