@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # install.sh does the work (venv, packages, ComfyUI pinned by hash); the stamp skips it when
 # nothing it depends on changed.
 $(STAMP): pyproject.toml install.sh agent/comfy/vendor.py
-	PYTHON=$(PYTHON) VENV=$(VENV) ./install.sh --dev
+	PYTHON=$(PYTHON) VENV=$(VENV) ./install.sh --dev --yes
 	touch $@
 
 # (vendor/ is git-ignored; if it went missing, provision again.)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
+import time
 from typing import Any
 
 import aiohttp
@@ -43,6 +45,12 @@ class RouterLink:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected (reconnecting with backoff) until ``stop`` is set."""
+        try:
+            await self._stay_connected(stop)
+        finally:
+            (self.settings.health_dir / f"{self.name}.json").unlink(missing_ok=True)
+
+    async def _stay_connected(self, stop: asyncio.Event) -> None:
         delay = 0.2
         async with aiohttp.ClientSession(self.url, headers=self._headers) as http:
             while not stop.is_set():
@@ -167,3 +175,10 @@ class RouterLink:
                              models=models if models != last_models else None)
             last_models = models
             outbox.put_nowait(beat.model_dump_json())
+            await asyncio.to_thread(self._mark_alive)
+
+    def _mark_alive(self) -> None:
+        """What `gpugate health --agent` (the container's HEALTHCHECK) reads: connected as of now."""
+        path = self.settings.health_dir / f"{self.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"router": self.url, "time": time.time()}))

@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int)
     revoke.set_defaults(func=_keys_revoke)
 
+    health = commands.add_parser("health", help="exit 0 if this host's router or agent is healthy (for HEALTHCHECK)")
+    health.add_argument("part", choices=["agent", "router"])
+    health.set_defaults(func=_health)
+
     jobs = commands.add_parser("jobs", help="the job history (live and archived)").add_subparsers(required=True, metavar="ACTION")
     listing = jobs.add_parser("list", help="jobs by refId, tag, key, state and date, newest first")
     for option in ("ref-id", "tag", "key-id", "state", "since", "until"):
@@ -160,6 +164,31 @@ def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"key {args.id} revoked")
+    return 0
+
+
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    """Router: /health answers. Agent: every worker sent a heartbeat to its router lately."""
+    import json
+    import time
+    import urllib.request
+
+    if args.part == "router":
+        try:
+            with urllib.request.urlopen(f"{settings.router.local_url}/health", timeout=5) as r:
+                print(r.read().decode())
+                return 0
+        except OSError as exc:
+            print(f"unhealthy: {exc}", file=sys.stderr)
+            return 1
+    beats = sorted(settings.health_dir.glob("*.json")) if settings.health_dir.is_dir() else []
+    limit = max(3 * settings.agent.heartbeat_s, 30.0)
+    stale = [p.stem for p in beats if time.time() - json.loads(p.read_text())["time"] > limit]
+    if not beats or stale:
+        print(f"unhealthy: {'no worker is connected' if not beats else 'no heartbeat lately from ' + ', '.join(stale)}",
+              file=sys.stderr)
+        return 1
+    print(f"healthy: {', '.join(p.stem for p in beats)}")
     return 0
 
 

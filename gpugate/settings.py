@@ -197,6 +197,11 @@ class Settings(_Section):
         return self.paths.data_dir / "artifacts"
 
     @property
+    def health_dir(self) -> Path:
+        """Each connected agent worker's last heartbeat, for `gpugate health --agent`."""
+        return self.paths.data_dir / "health"
+
+    @property
     def archive_dir(self) -> Path:
         return self.paths.data_dir / "archive"
 
@@ -206,10 +211,16 @@ class Settings(_Section):
         return self.paths.data_dir / ("comfyui" if self.agent.gpu is None else f"comfyui-gpu{self.agent.gpu}")
 
 
+DEFAULT_CONFIG = PROJECT_ROOT / "gpugate.toml"  # read when no other file is named
+
+
 def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from defaults, the TOML file and GPUGATE_* variables."""
+    """Build the settings from defaults, the TOML file (``config_file``, else $GPUGATE_CONFIG, else
+    gpugate.toml in the project folder when present) and GPUGATE_* variables."""
     environ = os.environ if environ is None else environ
     config_file = config_file or (Path(environ["GPUGATE_CONFIG"]) if environ.get("GPUGATE_CONFIG") else None)
+    if config_file is None and environ is os.environ and DEFAULT_CONFIG.is_file():
+        config_file = DEFAULT_CONFIG  # what install.sh wrote
     data: dict[str, Any] = {}
     if config_file is not None:
         try:
