@@ -193,14 +193,15 @@ def _health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _models_list(settings: Settings, args: argparse.Namespace) -> None:
-    from gpugate.catalog import Catalog
+    from gpugate.catalog import NAMED_KINDS, Catalog
 
     catalog = Catalog.load(settings.router.catalog)
     root = settings.paths.models_dir
     listed = set()
     for entry in sorted(catalog.entries.values(), key=lambda e: (e.kind, e.name)):
         size = sum(f.size or 0 for f in entry.files)
-        state = "installed" if entry.installed(root) else ("available" if entry.files else "no download")
+        state = "installed" if entry.installed(root) else (
+            "available" if entry.files else ("packaged" if entry.kind in NAMED_KINDS else "no download"))
         listed |= {(entry.kind, f.path.split("/")[0]) for f in entry.files} | {(entry.kind, entry.file)}
         print(f"{entry.name:28} {entry.kind:16} {state:11} {size / 2**30:7.2f} GB  "
               f"{f'{entry.vram_gb:g} GB VRAM' if entry.vram_gb else '':12} {'default ' if entry.default else ''}{entry.description}".rstrip())

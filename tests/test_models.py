@@ -210,3 +210,21 @@ async def test_a_pulled_voice_appears_in_the_running_agents_advertisement(env: d
     finally:
         agents.stop_all()
         await router.stop()
+
+
+def test_the_shipped_catalog_lists_the_well_known_models_each_with_size_and_hash() -> None:
+    from gpugate.catalog import Catalog
+
+    catalog = Catalog.load(PROJECT_ROOT / "models" / "catalog.toml")
+    pullable = {name: e for name, e in catalog.entries.items() if e.files}
+    assert {"sd15", "sdxl-base", "flux1-schnell-fp8", "sd3.5-medium", "realesrgan-x2", "realesrgan-x4",
+            "whisper-tiny", "whisper-base", "whisper-small", "whisper-medium", "whisper-large-v3"} <= set(pullable)
+    assert sum(e.kind == "piper" for e in pullable.values()) >= 3
+    placed = [(e.kind, f.path) for e in pullable.values() for f in e.files]
+    assert len(placed) == len(set(placed)), "no two entries write the same file"
+    for entry in pullable.values():
+        assert entry.vram_gb and entry.description
+        assert all(f.url.startswith("https://") for f in entry.files)
+    assert catalog.entries["sd3.5-medium"].token_env == "HF_TOKEN", "the gated one asks for a token"
+    assert all(f.size for name in ("sd15", "sdxl-base", "flux1-schnell-fp8", "whisper-large-v3")
+               for f in catalog.entries[name].files)
