@@ -149,6 +149,9 @@ async def test_callbacks_are_signed_retried_and_arrive_once_in_effect_for_comple
         assert body == await status(router, client.token, jobId=job_id), "the body is the status answer"
     assert json.loads(by_job[done["jobId"]]["body"])["jobState"] == "Completed"
     assert json.loads(by_job[done["jobId"]]["body"])["refId"] == "cb-ok"
+    [job] = (await call(router, client.token, "QueryJobs", {"refId": "cb-ok"}))["jobs"]
+    assert job["inputs"]["image"].endswith(f"/artifacts/{hashlib.sha256(png(64, 48)).hexdigest()}.png"), \
+        "uploads are filed under the SHA-256 of their bytes (hashed as they arrive)"
     failure = json.loads(by_job[failed["jobId"]]["body"])
     assert failure["jobState"] == "Failed"
     assert failure["responseStatus"]["errors"][0]["fieldName"] == "width"
