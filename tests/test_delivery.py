@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -261,8 +262,6 @@ async def test_finished_jobs_move_to_monthly_archives_and_stay_findable(router: 
 
 
 def _cli(*args: str, env: dict[str, str]) -> str:
-    import os
-
     done = subprocess.run([sys.executable, "-m", "gpugate.cli", *args], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, env={**os.environ, **env}, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -4,14 +4,14 @@ never printed, and a pulled model showing up in a running agent's advertisement.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -129,8 +129,6 @@ def env(tmp_path: Path, server: ModelServer) -> dict[str, str]:
 
 
 async def gpugate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    import asyncio
-
     return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gpugate.cli", *args], cwd=PROJECT_ROOT,
                                    env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
 
@@ -204,8 +202,6 @@ async def test_a_pulled_voice_appears_in_the_running_agents_advertisement(env: d
         deadline = time.monotonic() + 20
         while "en_US-test-voice" not in voices():
             assert time.monotonic() < deadline, "the agent never advertised the pulled voice"
-            import asyncio
-
             await asyncio.sleep(0.2)
     finally:
         agents.stop_all()

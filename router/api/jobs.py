@@ -90,15 +90,19 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     with queue.watch(job.id) as events, contextlib.suppress(ConnectionResetError):  # or the client left
         job = queue.get(job.id) or job  # it may have finished before the watch began
-        while job.state in (JobState.QUEUED, JobState.STARTED):
+        if job.state in (JobState.QUEUED, JobState.STARTED):
             await _event(response, "progress", _status(request, job))
-            with contextlib.suppress(TimeoutError):
+        while job.state in (JobState.QUEUED, JobState.STARTED):
+            try:
                 async with asyncio.timeout(KEEPALIVE_S):
-                    while not isinstance(event := await events.get(), Job):
-                        await _event(response, "progress", _status(request, job))
-                    job = event
-                    continue
-            await response.write(b": keep-alive\n\n")
+                    event = await events.get()
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if isinstance(event, Job):
+                job = event
+            else:
+                await _event(response, "progress", _status(request, job))
         await _event(response, "result", _status(request, job))
         await response.write_eof()
     return response
