@@ -107,9 +107,11 @@ async def archive_finished(store: Store, archive: JobArchive, older_than_s: floa
 async def keep_archiving(store: Store, archive: JobArchive, older_than_s: float, every_s: float) -> None:
     """The router's archiving task."""
     while True:
-        moved = await archive_finished(store, archive, older_than_s)
-        if moved:
-            log.info("jobs archived", extra={"jobs": moved})
+        try:
+            if moved := await archive_finished(store, archive, older_than_s):
+                log.info("jobs archived", extra={"jobs": moved})
+        except Exception:  # a full disk, say: the jobs stay in the live store; try again later
+            log.exception("archiving failed; retrying")
         await asyncio.sleep(every_s)
 
 

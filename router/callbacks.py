@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -37,6 +38,8 @@ from .store import Delivery, Job, Store
 
 log = logging.getLogger(__name__)
 BATCH = 32  # deliveries attempted at once
+RETRY_PASS_S = 1.0
+PRUNE_EVERY_S = 3600.0
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -96,6 +99,7 @@ class CallbackSender:
         self.base_url = (settings.public_base_url or settings.local_url).rstrip("/")
         self.outcomes = {"delivered": 0, "retried": 0, "failed": 0}  # since start, for /metrics
         self._wake = asyncio.Event()
+        self._pruned = 0.0
 
     def delivery_for(self, job: Job) -> Delivery | None:
         """The delivery a job that just finished owes (None without replyTo); the queue stores it."""
@@ -108,21 +112,32 @@ class CallbackSender:
                         body=json.dumps(status.body(), separators=(",", ":")), created=now, next_at=now)
 
     async def run(self) -> None:
-        """Deliver whatever is due; sleep until the next is due or a job finishes."""
+        """Deliver whatever is due; sleep until the next is due or a job finishes. A failing pass
+        (the store busy, say) is logged and tried again; nothing is lost, it is all in the outbox."""
         timeout = aiohttp.ClientTimeout(total=self.settings.callback_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "gpugate-callbacks"}) as http:
             while True:
-                self._wake.clear()
-                due = self.store.due_deliveries(time.time(), BATCH)
-                await asyncio.gather(*(self._attempt(http, d) for d in due))
-                if len(due) == BATCH:
-                    continue
-                next_at = self.store.next_delivery_at()
-                wait = max(0.0, next_at - time.time()) if next_at is not None else None
                 try:
+                    wait = await self._pass(http)
+                except Exception:
+                    log.exception("callback pass failed; retrying")
+                    wait = RETRY_PASS_S
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
-                except TimeoutError:
-                    pass
+
+    async def _pass(self, http: aiohttp.ClientSession) -> float | None:
+        """Attempt what is due; how long until the next is due (None: nothing pending)."""
+        self._wake.clear()
+        now = time.time()
+        if now - self._pruned > PRUNE_EVERY_S:  # finished deliveries are kept a while, then dropped
+            self.store.forget_deliveries(now - self.settings.callback_give_up_s)
+            self._pruned = now
+        due = self.store.due_deliveries(now, BATCH)
+        await asyncio.gather(*(self._attempt(http, d) for d in due))
+        if len(due) == BATCH:
+            return 0.0
+        next_at = self.store.next_delivery_at()
+        return max(0.0, next_at - time.time()) if next_at is not None else None
 
     async def _attempt(self, http: aiohttp.ClientSession, delivery: Delivery) -> None:
         delivery.attempts += 1

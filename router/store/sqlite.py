@@ -149,6 +149,10 @@ class SqliteStore:
         self._db.execute("UPDATE deliveries SET attempts = ?, next_at = ?, state = ?, last_error = ? WHERE id = ?",
                          (delivery.attempts, delivery.next_at, delivery.state, delivery.last_error, delivery.id))
 
+    def forget_deliveries(self, before: float) -> int:
+        """Drop delivered and given-up deliveries made before ``before``; pending ones stay."""
+        return self._db.execute("DELETE FROM deliveries WHERE state != 'pending' AND created < ?", (before,)).rowcount
+
     # ---- keys ------------------------------------------------------------------------------------
 
     def add_key(self, name: str, digest: str, prefix: str, apis: tuple[str, ...] | None, admin: bool, now: float,
