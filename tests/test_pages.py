@@ -196,21 +196,28 @@ async def test_a_client_key_cannot_manage_keys(router: Router, browser: Any) -> 
 # ---- cancel --------------------------------------------------------------------------------------
 
 
-async def test_a_running_txt2img_is_cancelled_and_comfyui_is_free_at_once(router: Router, agent: Agents,
-                                                                          admin: Any) -> None:
+async def test_a_queued_and_a_running_txt2img_are_cancelled_and_comfyui_is_free_at_once(router: Router, agent: Agents,
+                                                                                        admin: Any) -> None:
     running = await call(router, admin.token, "QueueTextToImage", {"positivePrompt": "long", "width": 384, "height": 384})
+    queued = await call(router, admin.token, "QueueTextToImage", {"positivePrompt": "waits", "width": 64, "height": 64})
     headers = {"Authorization": f"Bearer {admin.token}"}
     async with aiohttp.ClientSession(headers=headers) as http:
         async with http.get(f"{router.url}/api/GetJobEvents", params={"jobId": running["jobId"]}) as stream:
             async for line in stream.content:  # wait for the first sampling step
                 if line.startswith(b"data: ") and (json.loads(line[6:]).get("progress") or {}).get("step"):
                     break
-        cancelled = await call(router, admin.token, "CancelJob", {"jobId": running["jobId"]})
+    dropped = await call(router, admin.token, "CancelJob", {"jobId": queued["jobId"]})
+    assert dropped["jobState"] == "Cancelled" and dropped["status"].startswith("cancelled by key")
+    cancelled = await call(router, admin.token, "CancelJob", {"jobId": running["jobId"]})
     assert cancelled["jobState"] == "Cancelled"
     assert cancelled["responseStatus"]["errorCode"] == "Cancelled"
     started = time.monotonic()
     after = await call(router, admin.token, "TextToImage", {"positivePrompt": "next", "width": 64, "height": 64})
     assert after["results"][0]["provider"] == "gpu-1"
     assert time.monotonic() - started < 60, "ComfyUI was still busy with the cancelled prompt"
+    for job_id in (running["jobId"], queued["jobId"]):
+        final = await until(router, admin.token, job_id, lambda a: a["jobState"] != "Started")
+        assert final["jobState"] == "Cancelled" and final["results"] == [], "a cancelled job never completes"
     log = (agent.root / "gpu-1.log").read_text()
     assert "job cancelled by the router" in log
+    assert f"job received job={queued['jobId']} " not in log, "the queued job never reached the agent"
