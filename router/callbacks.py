@@ -37,7 +37,8 @@ from .api.responses import status_of, status_text
 from .store import Delivery, Job, Store
 
 log = logging.getLogger(__name__)
-BATCH = 32  # deliveries attempted at once
+MAX_IN_FLIGHT = 64  # deliveries attempted at once
+LEASE_MARGIN_S = 5.0
 RETRY_PASS_S = 1.0
 PRUNE_EVERY_S = 3600.0
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -100,6 +101,7 @@ class CallbackSender:
         self.outcomes = {"delivered": 0, "retried": 0, "failed": 0}  # since start, for /metrics
         self._wake = asyncio.Event()
         self._pruned = 0.0
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
 
     def delivery_for(self, job: Job) -> Delivery | None:
         """The delivery a job that just finished owes (None without replyTo); the queue stores it."""
@@ -112,53 +114,71 @@ class CallbackSender:
                         body=json.dumps(status.body(), separators=(",", ":")), created=now, next_at=now)
 
     async def run(self) -> None:
-        """Deliver whatever is due; sleep until the next is due or a job finishes. A failing pass
-        (the store busy, say) is logged and tried again; nothing is lost, it is all in the outbox."""
+        """Start an attempt for each delivery as it falls due, each on its own (a slow or dead
+        receiver delays only its own deliveries), and sleep until the next is due or a job finishes.
+        A failing pass (the store busy, say) is logged and tried again; it is all in the outbox."""
         timeout = aiohttp.ClientTimeout(total=self.settings.callback_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "gpugate-callbacks"}) as http:
-            while True:
-                try:
-                    wait = await self._pass(http)
-                except Exception:
-                    log.exception("callback pass failed; retrying")
-                    wait = RETRY_PASS_S
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+            try:
+                while True:
+                    try:
+                        wait = self._start_due(http)
+                    except Exception:
+                        log.exception("callback pass failed; retrying")
+                        wait = RETRY_PASS_S
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+            finally:
+                for task in self._in_flight.values():
+                    task.cancel()
+                await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
 
-    async def _pass(self, http: aiohttp.ClientSession) -> float | None:
-        """Attempt what is due; how long until the next is due (None: nothing pending)."""
+    def _start_due(self, http: aiohttp.ClientSession) -> float | None:
+        """Start what is due (up to MAX_IN_FLIGHT at once); how long until the next is due."""
         self._wake.clear()
         now = time.time()
         if now - self._pruned > PRUNE_EVERY_S:  # finished deliveries are kept a while, then dropped
             self.store.forget_deliveries(now - self.settings.callback_give_up_s)
             self._pruned = now
-        due = self.store.due_deliveries(now, BATCH)
-        await asyncio.gather(*(self._attempt(http, d) for d in due))
-        if len(due) == BATCH:
-            return 0.0
+        room = MAX_IN_FLIGHT - len(self._in_flight)
+        for delivery in self.store.due_deliveries(now, room) if room > 0 else ():
+            # leased for the attempt's length: due again only if the router stops meanwhile
+            delivery.attempts += 1
+            delivery.next_at = now + self.settings.callback_timeout_s + LEASE_MARGIN_S
+            self.store.update_delivery(delivery)
+            task = asyncio.create_task(self._attempt(http, delivery), name=f"callback-job-{delivery.job_id}")
+            self._in_flight[delivery.id] = task
+            task.add_done_callback(lambda _, key=delivery.id: self._attempt_ended(key))
         next_at = self.store.next_delivery_at()
         return max(0.0, next_at - time.time()) if next_at is not None else None
 
+    def _attempt_ended(self, delivery_id: int) -> None:
+        self._in_flight.pop(delivery_id, None)
+        self._wake.set()
+
     async def _attempt(self, http: aiohttp.ClientSession, delivery: Delivery) -> None:
-        delivery.attempts += 1
-        error = await reply_to_problem(delivery.url, self.settings.callback_allow_networks)
-        if error is None:
-            error = await self._post(http, delivery)
         extra = {"job": delivery.job_id, "url": delivery.url, "attempt": delivery.attempts}
-        if error is None:
-            delivery.state, delivery.last_error = "delivered", None
-            log.info("callback delivered", extra=extra)
-        else:
-            delivery.last_error = error
-            next_at = next_attempt_at(delivery, time.time(), self.settings)
-            if next_at is None or error.startswith("points at"):
-                delivery.state = "failed"
-                log.warning("callback given up", extra={**extra, "error": error})
+        try:
+            error = await reply_to_problem(delivery.url, self.settings.callback_allow_networks)
+            if error is None:
+                error = await self._post(http, delivery)
+            if error is None:
+                delivery.state, delivery.last_error = "delivered", None
+                log.info("callback delivered", extra=extra)
             else:
-                delivery.next_at = next_at
-                log.info("callback failed; will retry", extra={**extra, "error": error, "in_s": round(next_at - time.time(), 1)})
-        self.outcomes["retried" if delivery.state == "pending" else delivery.state] += 1
-        self.store.update_delivery(delivery)
+                delivery.last_error = error
+                next_at = next_attempt_at(delivery, time.time(), self.settings)
+                if next_at is None or error.startswith("points at"):
+                    delivery.state = "failed"
+                    log.warning("callback given up", extra={**extra, "error": error})
+                else:
+                    delivery.next_at = next_at
+                    log.info("callback failed; will retry", extra={**extra, "error": error,
+                                                                  "in_s": round(next_at - time.time(), 1)})
+            self.outcomes["retried" if delivery.state == "pending" else delivery.state] += 1
+            self.store.update_delivery(delivery)
+        except Exception:  # the lease runs out and the delivery is tried again
+            log.exception("callback attempt failed", extra=extra)
 
     async def _post(self, http: aiohttp.ClientSession, delivery: Delivery) -> str | None:
         """One signed POST; None on a 2xx answer, else what went wrong."""

@@ -37,8 +37,8 @@ from tests.services import TOKEN, Agents, Router, call, status, until
 class Receiver:
     """A callback receiver that answers 503 to the first ``failures`` attempts of each delivery."""
 
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
+    def __init__(self, failures: int, hang_s: float = 0.0) -> None:
+        self.failures, self.hang_s = failures, hang_s
         self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.attempts: list[dict[str, Any]] = []  # every POST: headers and body
@@ -49,6 +49,7 @@ class Receiver:
         body = await request.read()
         attempt = {"headers": dict(request.headers), "body": body}
         self.attempts.append(attempt)
+        await asyncio.sleep(self.hang_s)
         webhook_id = request.headers["webhook-id"]
         if sum(a["headers"]["webhook-id"] == webhook_id for a in self.attempts) <= self.failures:
             return web.Response(status=503)
@@ -59,7 +60,7 @@ class Receiver:
     async def __aenter__(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hook", self.handle)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
         return self
@@ -156,6 +157,19 @@ async def test_callbacks_are_signed_retried_and_arrive_once_in_effect_for_comple
     failure = json.loads(by_job[failed["jobId"]]["body"])
     assert failure["jobState"] == "Failed"
     assert failure["responseStatus"]["errors"][0]["fieldName"] == "width"
+
+
+async def test_a_hanging_receiver_delays_only_its_own_callbacks(router: Router, client: Any) -> None:
+    async with Receiver(failures=0, hang_s=30) as slow, Receiver(failures=0) as fast:
+        await call(router, client.token, "QueueScaleImage", image_form({"width": 8, "height": 8, "replyTo": slow.url}))
+        deadline = time.monotonic() + 10
+        while not slow.attempts:  # its delivery is under way, and stays so for the router's timeout
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await call(router, client.token, "QueueScaleImage", image_form({"width": 8, "height": 8, "replyTo": fast.url}))
+        await fast.wait_for(1, timeout=5)
+        assert time.monotonic() - started < 5 and not slow.accepted
 
 
 def admin_secret_of_another_key() -> str:
