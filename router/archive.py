@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .store import Job, JobQuery, Store
-from .store.sqlite import JOB_COLUMNS, JOBS_TABLE, encode, find_jobs, job_of
+from .store.sqlite import ADDED_JOB_COLUMNS, JOB_COLUMNS, JOBS_TABLE, add_missing_columns, encode, find_jobs, job_of
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -88,6 +88,7 @@ class JobArchive:
         try:
             if create:
                 db.executescript(JOBS_TABLE + INDEXES)
+                add_missing_columns(db, {"jobs": ADDED_JOB_COLUMNS})
             yield db
         finally:
             db.close()

@@ -97,7 +97,7 @@ class CallbackSender:
                  field_names: Callable[[str], dict[str, str]]) -> None:
         self.store, self.settings, self.server_secret = store, settings, server_secret
         self._field_names = field_names
-        self.base_url = (settings.public_base_url or settings.local_url).rstrip("/")
+        self.base_url = (settings.public_base_url or settings.local_url).rstrip("/")  # for jobs without their own
         self.outcomes = {"delivered": 0, "retried": 0, "failed": 0}  # since start, for /metrics
         self._wake = asyncio.Event()
         self._pruned = 0.0
@@ -107,7 +107,7 @@ class CallbackSender:
         """The delivery a job that just finished owes (None without replyTo); the queue stores it."""
         if not job.reply_to:
             return None
-        status = status_of(job, self.base_url, status_text(job), None, self._field_names(job.api))
+        status = status_of(job, job.base_url or self.base_url, status_text(job), None, self._field_names(job.api))
         now = time.time()
         self._wake.set()
         return Delivery(id=0, job_id=job.id, key_id=job.key_id, url=job.reply_to, webhook_id=f"msg_{secrets.token_hex(12)}",

@@ -172,6 +172,16 @@ async def test_a_hanging_receiver_delays_only_its_own_callbacks(router: Router, 
         assert time.monotonic() - started < 5 and not slow.accepted
 
 
+async def test_a_callback_links_results_at_the_address_the_client_used(router: Router, client: Any) -> None:
+    async with Receiver(failures=0) as receiver, aiohttp.ClientSession() as http:
+        async with http.post(f"{router.url}/api/QueueScaleImage", data=image_form({"width": 8, "height": 8,
+                                                                                   "replyTo": receiver.url}),
+                             headers={"Authorization": f"Bearer {client.token}", "Host": "media.example.org"}) as r:
+            assert r.status == 200
+        [delivery] = await receiver.wait_for(1)
+    assert json.loads(delivery["body"])["results"][0]["url"].startswith("http://media.example.org/artifacts/")
+
+
 def admin_secret_of_another_key() -> str:
     return "whsec_" + base64.b64encode(b"x" * 24).decode()
 

@@ -68,3 +68,33 @@ def test_the_signature_is_standard_webhooks_v1() -> None:
     secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
     expected = base64.b64encode(hmac.new(b"k" * 24, b"msg_1.1700000000.{}", hashlib.sha256).digest()).decode()
     assert sign(secret, "msg_1", 1700000000, b"{}") == f"v1,{expected}"
+
+
+def test_files_from_an_earlier_version_are_read_and_brought_up_to_date(tmp_path: Path) -> None:
+    import sqlite3
+
+    from router.archive import JobArchive
+    from router.store import JobQuery
+
+    old = sqlite3.connect(tmp_path / "router.db")  # a live store before jobs had base_url and keys a webhook secret
+    old.executescript("""
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, api TEXT NOT NULL, capability TEXT NOT NULL,
+            params TEXT NOT NULL, inputs TEXT NOT NULL, model TEXT, megapixels REAL NOT NULL, max_attempts INTEGER NOT NULL,
+            key_id INTEGER, ref_id TEXT, tag TEXT, reply_to TEXT, state TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
+            agent TEXT, excluded TEXT NOT NULL DEFAULT '[]', min_free_vram INTEGER NOT NULL DEFAULT 0, results TEXT,
+            error TEXT, created REAL NOT NULL, started REAL, finished REAL);
+        CREATE TABLE api_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, digest TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL, apis TEXT, admin INTEGER NOT NULL, created REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO jobs (api, capability, params, inputs, megapixels, max_attempts, state, created, finished)
+            VALUES ('Echo', 'echo', '{}', '{}', 0, 1, 'Completed', 1000, 1001);
+        INSERT INTO api_keys (name, digest, prefix, admin, created) VALUES ('old', 'd', 'gg_', 0, 1000);""")
+    (tmp_path / "archive").mkdir()
+    old.execute("VACUUM INTO ?", (str(tmp_path / "archive" / "1970-01.db"),))  # an archive of that version
+    old.close()
+    store = SqliteStore(tmp_path / "router.db")
+    assert store.get_job(1).base_url is None and store.get_key(1).webhook_secret is None  # type: ignore[union-attr]
+    archived = JobArchive(tmp_path / "archive")
+    assert [j.id for j in archived.find(JobQuery(state="Completed"))] == [1], "read as it is, read-only"
+    archived.put(store.finished_before(2000.0, 10))  # and written to: brought up to date first
+    assert archived.get(1).base_url is None  # type: ignore[union-attr]
+    store.close()

@@ -54,7 +54,8 @@ async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequ
         inputs[name] = await app[ARTIFACTS].put(data, ext)
     job = Job(id=0, api=model.__name__, capability=spec.capability, params=spec.params, inputs=inputs,
               model=spec.model, megapixels=spec.megapixels, max_attempts=app[SETTINGS].router.max_attempts,
-              key_id=key.id, ref_id=parsed.ref_id, tag=parsed.tag, reply_to=parsed.reply_to)
+              key_id=key.id, ref_id=parsed.ref_id, tag=parsed.tag, reply_to=parsed.reply_to,
+              base_url=base_url(request) if parsed.reply_to else None)
     try:
         return app[QUEUE].submit(job)
     except DuplicateRefId:  # a retried request: the job it already made is the answer

@@ -37,6 +37,7 @@ class Job:
     ref_id: str | None = None
     tag: str | None = None
     reply_to: str | None = None
+    base_url: str | None = None  # where the client reached the router: its callback's URLs use it
     state: str = JobState.QUEUED
     attempt: int = 0
     agent: str | None = None

@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     api TEXT NOT NULL, capability TEXT NOT NULL, params TEXT NOT NULL, inputs TEXT NOT NULL,
     model TEXT, megapixels REAL NOT NULL, max_attempts INTEGER NOT NULL,
-    key_id INTEGER, ref_id TEXT, tag TEXT, reply_to TEXT,
+    key_id INTEGER, ref_id TEXT, tag TEXT, reply_to TEXT, base_url TEXT,
     state TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, agent TEXT,
     excluded TEXT NOT NULL DEFAULT '[]', min_free_vram INTEGER NOT NULL DEFAULT 0,
     results TEXT, error TEXT, created REAL NOT NULL, started REAL, finished REAL
@@ -47,7 +47,7 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 
 """
 
 JOB_COLUMNS = ("api", "capability", "params", "inputs", "model", "megapixels", "max_attempts", "key_id", "ref_id",
-                "tag", "reply_to", "state", "attempt", "agent", "excluded", "min_free_vram", "results", "error",
+                "tag", "reply_to", "base_url", "state", "attempt", "agent", "excluded", "min_free_vram", "results", "error",
                 "created", "started", "finished")
 _JSON = {"params", "inputs", "excluded", "results", "error"}
 _DELIVERY_COLUMNS = ("job_id", "key_id", "url", "webhook_id", "body", "created", "attempts", "next_at", "state",
@@ -63,9 +63,7 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")  # `gpugate keys` may write while the router runs
         self._db.executescript(SCHEMA)
-        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(api_keys)")}
-        if "webhook_secret" not in columns:  # a store made before callbacks were signed per key
-            self._db.execute("ALTER TABLE api_keys ADD COLUMN webhook_secret TEXT")
+        add_missing_columns(self._db, {"api_keys": {"webhook_secret": "TEXT"}, "jobs": ADDED_JOB_COLUMNS})
 
     def close(self) -> None:
         self._db.close()
@@ -188,6 +186,18 @@ class SqliteStore:
         self._db.execute("COMMIT")
 
 
+ADDED_JOB_COLUMNS = {"base_url": "TEXT"}  # columns newer than the first stores and archives
+
+
+def add_missing_columns(db: sqlite3.Connection, tables: dict[str, dict[str, str]]) -> None:
+    """Bring a file made by an earlier gpugate up to date: add the columns it lacks."""
+    for table, columns in tables.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
 def find_jobs(db: sqlite3.Connection, query: JobQuery) -> list[Job]:
     """Jobs matching ``query``, newest first; shared by the live store and the monthly archives."""
     where, args = [], []
@@ -211,9 +221,11 @@ def encode(column: str, value: Any) -> Any:
 
 
 def job_of(row: sqlite3.Row | None) -> Job | None:
+    """A job from its row; columns an older file lacks (read-only archives) keep their defaults."""
     if row is None:
         return None
-    data = {c: (json.loads(row[c]) if c in _JSON and row[c] is not None else row[c]) for c in JOB_COLUMNS}
+    present = set(row.keys())
+    data = {c: (json.loads(row[c]) if c in _JSON and row[c] is not None else row[c]) for c in JOB_COLUMNS if c in present}
     return Job(id=row["id"], **data)
 
 
