@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -66,6 +67,26 @@ def settings(models_dir: Path, drop_dir: Path, tmp_path_factory: pytest.TempPath
 async def engine(settings: Settings) -> AsyncIterator[ComfyEngine]:
     async with ComfyEngine(settings) as engine:
         yield engine
+
+
+@pytest.fixture(scope="module")
+async def router(router_settings: Settings) -> AsyncIterator[Any]:
+    """A real router on loopback for the module, on the module's own ``router_settings``."""
+    from tests.services import Router  # services imports this module
+
+    server = Router(router_settings)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(router: Any) -> Any:
+    """An admin key on the module's router (NewKey: .token, .key)."""
+    from router.keys import create_key
+    from router.state import STORE
+
+    return create_key(router.app[STORE], "admin", admin=True)
 
 
 def png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

@@ -16,7 +16,8 @@ from typing import Any
 
 import aiohttp
 
-from gpugate.settings import PROJECT_ROOT, Settings
+from agent.comfy.launch import free_port
+from gpugate.settings import PROJECT_ROOT, Settings, load_settings
 from router.app import create_app
 from router.main import router_url
 from router.state import AGENTS
@@ -24,6 +25,18 @@ from tests.conftest import CACHE
 from tests.model_fixtures import CHECKPOINT, UPSCALER
 
 TOKEN = "agent-token-for-tests"
+TINY_CATALOG = '[models.tiny]\nkind = "checkpoints"\nfile = "tiny.safetensors"\ndefault = true\n'
+
+
+def router_settings_in(data: Path, catalog: str | None = None, **router: str) -> Settings:
+    """A test router's settings: data in ``data``, a free loopback port and the test agent token;
+    ``catalog`` (TOML) becomes its model catalog, ``router`` more [router] values (sync_timeout_s="120")."""
+    env = {"GPUGATE_PATHS__DATA_DIR": str(data), "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")),
+           "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, **{f"GPUGATE_ROUTER__{k.upper()}": v for k, v in router.items()}}
+    if catalog is not None:
+        (data / "catalog.toml").write_text(catalog)
+        env["GPUGATE_ROUTER__CATALOG"] = str(data / "catalog.toml")
+    return load_settings(environ=env)
 
 class Router:
     """The router app on a fixed loopback port; can be stopped and started again on the same data."""

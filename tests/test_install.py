@@ -8,17 +8,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from agent.comfy.launch import free_port
-from gpugate.settings import PROJECT_ROOT, Settings, load_settings
+from gpugate.settings import PROJECT_ROOT, Settings
 from router.keys import create_key
 from router.state import STORE
-from tests.services import Router, call
+from tests.services import TOKEN, Router, call, router_settings_in
 
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
 
@@ -51,22 +49,12 @@ def test_compose_runs_a_router_and_an_agent_that_reserves_the_gpus() -> None:
 
 @pytest.fixture(scope="module")
 def router_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return load_settings(environ={"GPUGATE_PATHS__DATA_DIR": str(tmp_path_factory.mktemp("router")),
-                                  "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")),
-                                  "GPUGATE_ROUTER__AGENT_TOKEN": "install-token", "GPUGATE_ROUTER__ECHO_API": "true"})
-
-
-@pytest.fixture(scope="module")
-async def router(router_settings: Settings) -> AsyncIterator[Router]:
-    server = Router(router_settings)
-    await server.start()
-    yield server
-    await server.stop()
+    return router_settings_in(tmp_path_factory.mktemp("router"), echo_api="true")
 
 
 def _install(copy: Path, url: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUGATE_", "VIRTUAL_ENV"))}
-    return subprocess.run(["./install.sh", "--yes", "--router-url", url, "--token", "install-token"], cwd=copy, env=env,
+    return subprocess.run(["./install.sh", "--yes", "--router-url", url, "--token", TOKEN], cwd=copy, env=env,
                           capture_output=True, text=True, timeout=1500)
 
 

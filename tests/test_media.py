@@ -7,7 +7,7 @@ import io
 import json
 import re
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,11 @@ import aiohttp
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-from agent.comfy.launch import free_port
-from gpugate.settings import Settings, load_settings
+from gpugate.settings import Settings
 from router.keys import create_key
 from router.state import STORE
 from tests.conftest import CACHE, png
-from tests.services import TOKEN, Agents, Router, call
+from tests.services import Agents, Router, call, router_settings_in
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 
@@ -39,15 +38,8 @@ def media() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-async def router(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Router]:
-    data = tmp_path_factory.mktemp("router")
-    settings: Settings = load_settings(environ={
-        "GPUGATE_PATHS__DATA_DIR": str(data), "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")),
-        "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__SYNC_TIMEOUT_S": "120"})
-    server = Router(settings)
-    await server.start()
-    yield server
-    await server.stop()
+def router_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return router_settings_in(tmp_path_factory.mktemp("router"), sync_timeout_s="120")
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import pytest
 from aiohttp import web
 
 from agent.comfy.launch import free_port
-from gpugate.settings import PROJECT_ROOT, load_settings
+from gpugate.settings import PROJECT_ROOT
 from router.state import AGENTS
-from tests.services import TOKEN, Agents, Router
+from tests.services import Agents, Router, router_settings_in
 
 PAYLOAD = os.urandom(3 * 2**20 + 12345)  # a "model": a few MB, so it comes in several chunks
 SECRET = "hf_never-print-me"
@@ -185,10 +185,8 @@ async def test_a_gated_download_uses_the_token_from_the_environment_and_never_pr
 
 
 async def test_a_pulled_voice_appears_in_the_running_agents_advertisement(env: dict[str, str], tmp_path: Path) -> None:
-    settings = load_settings(environ={"GPUGATE_PATHS__DATA_DIR": str(tmp_path / "router"),
-                                      "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")),
-                                      "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN})
-    router = Router(settings)
+    (tmp_path / "router").mkdir()
+    router = Router(router_settings_in(tmp_path / "router"))
     await router.start()
     agents = Agents(tmp_path / "agents", router.url)
     try:

@@ -5,18 +5,16 @@ fake device list from configuration (agent.gpus); the ComfyUIs and the router ar
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from agent.comfy.launch import free_port
 from agent.gpu import plan_workers, report_devices
-from gpugate.settings import Settings, load_settings
+from gpugate.settings import load_settings, Settings
 from router.keys import create_key
 from router.state import AGENTS, STORE
-from tests.services import TOKEN, Agents, Router, call
+from tests.services import TINY_CATALOG, Agents, Router, call, router_settings_in
 
 TWO_GPUS = json.dumps([{"name": "small GPU", "vram_total_gb": 8, "vram_free_gb": 1.0},
                        {"name": "big GPU", "vram_total_gb": 24, "vram_free_gb": 4.0}])
@@ -38,20 +36,7 @@ def test_one_worker_per_gpu_with_shared_runners_on_the_first() -> None:
 
 @pytest.fixture(scope="module")
 def router_settings(tmp_path_factory: pytest.TempPathFactory, fixture_models: Path) -> Settings:
-    data = tmp_path_factory.mktemp("router")
-    (data / "catalog.toml").write_text('[models.tiny]\nkind = "checkpoints"\nfile = "tiny.safetensors"\ndefault = true\n')
-    return load_settings(environ={
-        "GPUGATE_PATHS__DATA_DIR": str(data), "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")),
-        "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__CATALOG": str(data / "catalog.toml"),
-        "GPUGATE_ROUTER__SYNC_TIMEOUT_S": "120"})
-
-
-@pytest.fixture(scope="module")
-async def router(router_settings: Settings) -> AsyncIterator[Router]:
-    server = Router(router_settings)
-    await server.start()
-    yield server
-    await server.stop()
+    return router_settings_in(tmp_path_factory.mktemp("router"), TINY_CATALOG, sync_timeout_s="120")
 
 
 async def test_each_gpu_gets_its_own_pinned_comfyui_and_jobs_go_to_the_gpu_that_fits(

@@ -19,11 +19,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.comfy.launch import free_port
-from gpugate.settings import PROJECT_ROOT, Settings, load_settings
+from gpugate.settings import PROJECT_ROOT, Settings
 from router.keys import create_key
 from router.state import STORE
-from tests.services import TOKEN, Agents, Router, call, until
+from tests.services import TINY_CATALOG, Agents, Router, call, router_settings_in, until
 
 ARTIFACTS = Path(os.environ.get("GPUGATE_TEST_ARTIFACTS", PROJECT_ROOT / "test-artifacts"))
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -31,26 +30,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 @pytest.fixture(scope="module")
 def router_settings(tmp_path_factory: pytest.TempPathFactory, fixture_models: Path) -> Settings:
-    data = tmp_path_factory.mktemp("router")
-    catalog = data / "catalog.toml"
-    catalog.write_text('[models.tiny]\nkind = "checkpoints"\nfile = "tiny.safetensors"\ndefault = true\n')
-    return load_settings(environ={
-        "GPUGATE_PATHS__DATA_DIR": str(data), "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")),
-        "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__CATALOG": str(catalog),
-        "GPUGATE_ROUTER__SYNC_TIMEOUT_S": "120"})
-
-
-@pytest.fixture(scope="module")
-async def router(router_settings: Settings) -> AsyncIterator[Router]:
-    server = Router(router_settings)
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture(scope="module")
-def admin(router: Router) -> Any:
-    return create_key(router.app[STORE], "admin", admin=True)
+    return router_settings_in(tmp_path_factory.mktemp("router"), TINY_CATALOG, sync_timeout_s="120")
 
 
 @pytest.fixture(scope="module")

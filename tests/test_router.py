@@ -19,43 +19,28 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from PIL import Image
 
-from agent.comfy.launch import free_port
-from gpugate.settings import Settings, load_settings
+from gpugate.settings import Settings
 from router.keys import create_key
 from router.state import STORE
 from tests.conftest import png
 from tests.model_fixtures import UPSCALER
-from tests.services import TOKEN, Agents, Router, call, finished, status, until
+from tests.services import TOKEN, Agents, Router, call, finished, router_settings_in, status, until
 
 SMALL = {"width": 64, "height": 64}
 
 @pytest.fixture(scope="module")
 def router_settings(tmp_path_factory: pytest.TempPathFactory, fixture_models: Path) -> Settings:
-    data = tmp_path_factory.mktemp("router")
-    catalog = data / "catalog.toml"
-    catalog.write_text('[models.tiny]\nkind = "checkpoints"\nfile = "shared.safetensors"\ndefault = true\n'
-                       f'[models.upscaler]\nkind = "upscale_models"\nfile = "{UPSCALER}"\ndefault = true\n')
-    return load_settings(environ={
-        "GPUGATE_PATHS__DATA_DIR": str(data), "GPUGATE_ROUTER__PORT": str(free_port("127.0.0.1")),
-        "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__CATALOG": str(catalog),
-        "GPUGATE_ROUTER__SYNC_TIMEOUT_S": "120", "GPUGATE_ROUTER__HEARTBEAT_TIMEOUT_S": "6",
-        "GPUGATE_ROUTER__ECHO_API": "true", "GPUGATE_ROUTER__MAX_UPLOAD_MB": "1",
-    })
-
-
-@pytest.fixture(scope="module")
-async def router(router_settings: Settings) -> AsyncIterator[Router]:
-    server = Router(router_settings)
-    await server.start()
-    yield server
-    await server.stop()
+    catalog = ('[models.tiny]\nkind = "checkpoints"\nfile = "shared.safetensors"\ndefault = true\n'
+               f'[models.upscaler]\nkind = "upscale_models"\nfile = "{UPSCALER}"\ndefault = true\n')
+    return router_settings_in(tmp_path_factory.mktemp("router"), catalog, sync_timeout_s="120", heartbeat_timeout_s="6",
+                              echo_api="true", max_upload_mb="1")
 
 
 @pytest.fixture(scope="module")
