@@ -181,4 +181,6 @@ class RouterLink:
         """What `gpugate health --agent` (the container's HEALTHCHECK) reads: connected as of now."""
         path = self.settings.health_dir / f"{self.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"router": self.url, "time": time.time()}))
+        part = path.with_suffix(".part")
+        part.write_text(json.dumps({"router": self.url, "time": time.time()}))
+        part.replace(path)  # the health check never reads half a file

@@ -44,8 +44,9 @@ class CatalogEntry:
 
     def installed(self, models_dir: Path) -> bool:
         folder = models_dir / self.kind
-        return bool(self.files) and all((folder / f.path).is_file() for f in self.files) or (
-            not self.files and (folder / self.file).exists())
+        if not self.files:
+            return (folder / self.file).exists()
+        return all((folder / f.path).is_file() for f in self.files)
 
 
 def _entry(name: str, m: dict[str, Any]) -> CatalogEntry:
