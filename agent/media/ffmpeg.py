@@ -7,7 +7,7 @@ killed (:class:`JobTimeout`).
 
 Probing uses FFmpeg's libraries in-process through PyAV (about 2 ms here) rather than the
 ffprobe program (about 128 ms, nearly all of it process start-up); see bench/media.py. It reads
-64 KiB first, and more only when that leaves a stream's parameters unknown.
+16 KiB first, and more only when that leaves a stream's parameters unknown.
 """
 
 from __future__ import annotations
@@ -55,12 +55,13 @@ async def probe(path: Path, field: str) -> MediaInfo:
     return info
 
 
-QUICK_PROBE = {"probesize": "65536"}  # bytes read to find stream parameters (FFmpeg's default: 5 MB)
+QUICK_PROBE = {"probesize": "16384"}  # bytes read to find stream parameters (FFmpeg's default: 5 MB)
 
 
 def _probe(path: Path) -> MediaInfo:
-    """Probe with a small read first (the default reads 40 ms of a 60 s WAV here); if that leaves a
-    stream's parameters unknown, probe again as FFmpeg would by default."""
+    """Probe with a small read first: FFmpeg's default read 40 ms of a 60 s WAV here, 64 KiB 3.5 ms,
+    16 KiB 0.7 ms (an MP4 2.6 ms); if that leaves a stream's parameters unknown, probe again as
+    FFmpeg would by default."""
     info = _read_info(path, QUICK_PROBE)
     if (info.has_video and not (info.width and info.height)) or not (info.has_video or info.has_audio):
         info = _read_info(path, {})
