@@ -1,7 +1,7 @@
 """The agent's connection to the router: register, heartbeat, pull jobs, run them, report back.
 
 One websocket (a pull: the agent asks for as many jobs as it has free slots, one more each time
-a job ends), files over HTTP by content address. When the connection drops, the router has
+a job ends), files by name (agent/files.py). When the connection drops, the router has
 already queued this agent's jobs again, so running jobs are cancelled (their ComfyUI prompts
 interrupted) and the link reconnects with backoff.
 """
@@ -13,7 +13,9 @@ import contextlib
 import json
 import logging
 import socket
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,9 +23,10 @@ import aiohttp
 from gpugate.errors import ExecutionError, FieldError, Interrupted, InvalidRequest, JobFailed, WorkerLost
 from gpugate.settings import Settings
 from gpugate.wire import (
-    Artifact, Done, Failed, Failure, Heartbeat, Hello, JobOffer, Model, Progress, Pull, StopJob, Welcome, router_message,
+    Done, Failed, Failure, Heartbeat, Hello, JobOffer, Model, Progress, Pull, StopJob, Welcome, router_message,
 )
 
+from .files import RouterFiles
 from .gpu import report_devices
 from .runners import JobProgress, Runner
 
@@ -72,12 +75,13 @@ class RouterLink:
             if not isinstance(welcome, Welcome):
                 raise ConnectionError("router did not welcome us")
             log.info("joined router", extra={"router": self.url, "agent": self.name})
+            files = await RouterFiles.for_session(http, welcome.store)
             outbox: asyncio.Queue[str] = asyncio.Queue()  # one writer keeps progress before its outcome
             outbox.put_nowait(Pull(slots=self.settings.agent.concurrency).model_dump_json())
             jobs: dict[int, asyncio.Task[None]] = {}
             tasks = [asyncio.create_task(self._send(ws, outbox), name="send"),
                      asyncio.create_task(self._heartbeats(outbox), name="heartbeats"),
-                     asyncio.create_task(self._receive(http, ws, outbox, jobs), name="receive"),
+                     asyncio.create_task(self._receive(files, ws, outbox, jobs), name="receive"),
                      asyncio.create_task(stop.wait(), name="stop")]
             self.connected.set()
             try:
@@ -94,37 +98,38 @@ class RouterLink:
         while True:
             await ws.send_str(await outbox.get())
 
-    async def _receive(self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
+    async def _receive(self, files: RouterFiles, ws: aiohttp.ClientWebSocketResponse,
                        outbox: asyncio.Queue[str], jobs: dict[int, asyncio.Task[None]]) -> None:
         async for msg in ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue
             message = router_message.validate_json(msg.data)
             if isinstance(message, JobOffer):
-                task = asyncio.create_task(self._run_job(http, outbox, message), name=f"job-{message.job_id}")
+                task = asyncio.create_task(self._run_job(files, outbox, message), name=f"job-{message.job_id}")
                 jobs[message.job_id] = task
                 task.add_done_callback(lambda _, job_id=message.job_id: jobs.pop(job_id, None))
             elif isinstance(message, StopJob) and (task := jobs.get(message.job_id)) is not None:
                 log.info("job cancelled by the router", extra={"job": message.job_id, "attempt": message.attempt})
                 task.cancel()
 
-    async def _run_job(self, http: aiohttp.ClientSession, outbox: asyncio.Queue[str], offer: JobOffer) -> None:
+    async def _run_job(self, files: RouterFiles, outbox: asyncio.Queue[str], offer: JobOffer) -> None:
         extra = {"job": offer.job_id, "attempt": offer.attempt, "capability": offer.capability}
         log.info("job received", extra=extra)
         try:
             runner = self.runners.get(offer.capability)
             if runner is None:
                 raise InvalidRequest(FieldError("capability", f"this agent cannot run {offer.capability}"))
-            params: dict[str, Any] = dict(offer.params)
-            for name, file in offer.inputs.items():
-                params[name] = await self._download(http, file)
 
             def progress(p: JobProgress) -> None:
                 outbox.put_nowait(Progress(job_id=offer.job_id, attempt=offer.attempt, step=p.step, total=p.total,
                                            node=p.node).model_dump_json())
 
-            result = await runner.run(offer.capability, f"{offer.job_id}-{offer.attempt}", params, progress)
-            artifacts = [await self._upload(http, f.file_name, f.media_type, f.data) for f in result.files]
+            with tempfile.TemporaryDirectory(prefix=f"gpugate-inputs-{offer.job_id}-") as folder:
+                params: dict[str, Any] = dict(offer.params)
+                for name, file in offer.inputs.items():
+                    params[name] = await files.fetch(file, Path(folder))
+                result = await runner.run(offer.capability, f"{offer.job_id}-{offer.attempt}", params, progress)
+            artifacts = [await files.store_output(f) for f in result.files]
             answer: Done | Failed = Done(job_id=offer.job_id, attempt=offer.attempt, artifacts=artifacts,
                                          texts=result.texts, details=result.details)
             log.info("job done", extra={**extra, "files": len(artifacts)})
@@ -143,18 +148,6 @@ class RouterLink:
                             failure=Failure.of(ExecutionError(f"the agent failed: {type(exc).__name__}: {exc}")))
         outbox.put_nowait(answer.model_dump_json())
         outbox.put_nowait(Pull(slots=1).model_dump_json())
-
-    async def _download(self, http: aiohttp.ClientSession, name: str) -> bytes:
-        async with http.get(f"/agent/files/{name}") as r:
-            r.raise_for_status()
-            return await r.read()
-
-    async def _upload(self, http: aiohttp.ClientSession, file_name: str, media_type: str, data: bytes) -> Artifact:
-        async with http.post("/agent/artifacts", params={"fileName": file_name}, data=data,
-                             headers={"Content-Type": media_type}) as r:
-            r.raise_for_status()
-            name = (await r.json())["name"]
-        return Artifact(name=name, file_name=file_name, media_type=media_type, size=len(data))
 
     async def _hello(self) -> Hello:
         cpu_only, devices = report_devices(self.settings)

@@ -3,9 +3,11 @@
 - SpeechToText and TextToSpeech: the real-time factor (processing time / audio duration) of a
   sync API call against faster-whisper and Piper called in this process with the same models.
 - Each FFmpeg transform: a sync API call against the bare ffmpeg command it runs, on a 10 s
-  640x480 H.264/AAC video; ConvertAudio on 60 s of 44.1 kHz stereo audio, as AAC (what phones
-  record, 1 MB) and as uncompressed WAV (10 MB: the most bytes to move per second of work). The
-  API side includes upload, probing and download: all a client pays.
+  640x480 H.264/AAC video (WatermarkVideo with a 128x64 PNG mark); ConvertAudio on 60 s of 44.1 kHz
+  stereo audio, as AAC (what phones record, 1 MB) and as uncompressed WAV (10 MB: the most bytes to
+  move per second of work). The API side includes upload, probing and download: all a client pays.
+  The agent runs on the router's host, as `make run` starts them, so it uses the router's file
+  store directly (agent/files.py).
 
 Rounds alternate (direct, API, direct, API, ...); the overhead is the median paired difference.
 Results: bench/results/media.{json,md}.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from PIL import Image
 
 from agent.runners.media import TRANSFORMS
 from bench.overhead import RESULTS
@@ -35,14 +38,17 @@ from bench.router import Services
 
 SENTENCE = ("Self-hosted media generation keeps data on your own machines. The router hands each job to an agent "
             "that has the model and the memory for it, and nothing accepted is ever lost.")
-# row -> (API, capability, fields, input); inputs are made in measure()
-TRANSFORM_CALLS: dict[str, tuple[str, str, dict[str, Any], str]] = {
-    "ScaleVideo, 10 s 640x480 video": ("ScaleVideo", "scale-video", {"width": 320, "height": 240}, "video"),
-    "CropVideo, 10 s 640x480 video": ("CropVideo", "crop-video", {"x": 40, "y": 30, "width": 320, "height": 240}, "video"),
-    "TrimVideo, 10 s 640x480 video": ("TrimVideo", "trim-video", {"start_time": 2.0, "end_time": 7.0}, "video"),
-    "ConvertVideo, 10 s 640x480 video to WebM": ("ConvertVideo", "convert-video", {"output_format": "webm"}, "video"),
-    "ConvertAudio, 60 s AAC (M4A) to MP3": ("ConvertAudio", "convert-audio", {"output_format": "mp3"}, "m4a"),
-    "ConvertAudio, 60 s WAV (10 MB) to MP3": ("ConvertAudio", "convert-audio", {"output_format": "mp3"}, "wav"),
+# row -> (API, capability, fields, input, more file fields -> their inputs); inputs are made in measure()
+TRANSFORM_CALLS: dict[str, tuple[str, str, dict[str, Any], str, dict[str, str]]] = {
+    "ScaleVideo, 10 s 640x480 video": ("ScaleVideo", "scale-video", {"width": 320, "height": 240}, "video", {}),
+    "CropVideo, 10 s 640x480 video": ("CropVideo", "crop-video", {"x": 40, "y": 30, "width": 320, "height": 240},
+                                      "video", {}),
+    "TrimVideo, 10 s 640x480 video": ("TrimVideo", "trim-video", {"start_time": 2.0, "end_time": 7.0}, "video", {}),
+    "ConvertVideo, 10 s 640x480 video to WebM": ("ConvertVideo", "convert-video", {"output_format": "webm"}, "video", {}),
+    "WatermarkVideo, 10 s 640x480 video": ("WatermarkVideo", "watermark-video", {"position": "BottomRight"}, "video",
+                                           {"watermark": "mark"}),
+    "ConvertAudio, 60 s AAC (M4A) to MP3": ("ConvertAudio", "convert-audio", {"output_format": "mp3"}, "m4a", {}),
+    "ConvertAudio, 60 s WAV (10 MB) to MP3": ("ConvertAudio", "convert-audio", {"output_format": "mp3"}, "wav", {}),
 }
 CAMEL = {"start_time": "startTime", "end_time": "endTime", "output_format": "outputFormat"}
 
@@ -110,21 +116,25 @@ async def transforms(services: Services, inputs: dict[str, Path], rounds: int) -
     headers = {"Authorization": f"Bearer {services.key}"}
     out: dict[str, Any] = {}
     async with aiohttp.ClientSession(services.url, headers=headers) as http:
-        for row, (api, capability, fields, source) in TRANSFORM_CALLS.items():
+        for row, (api, capability, fields, source, files) in TRANSFORM_CALLS.items():
             field, build, extension = TRANSFORMS[capability]
             video = inputs[source]
-            info, data = await probe(video, field), video.read_bytes()
+            info = await probe(video, field)
+            uploads = {field: video, **{name: inputs[file] for name, file in files.items()}}
+            data = {name: path.read_bytes() for name, path in uploads.items()}
             times: dict[str, list[float]] = {"direct": [], "api": []}
             with tempfile.TemporaryDirectory() as tmp:
                 dst = Path(tmp) / f"out.{extension or fields['output_format']}"
+                values = {**fields, **{f"_{name}": str(path) for name, path in uploads.items() if name != field}}
                 args = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-xerror", "-y",
-                        *build(fields, info, str(video), dst).get_args()]
+                        *build(values, info, str(video), dst).get_args()]
                 for i in range(rounds + 1):
                     t0 = time.perf_counter()
                     subprocess.run(args, check=True)
                     direct = time.perf_counter() - t0
                     form = aiohttp.FormData()
-                    form.add_field(field, data, filename=video.name, content_type="application/octet-stream")
+                    for name, path in uploads.items():
+                        form.add_field(name, data[name], filename=path.name, content_type="application/octet-stream")
                     for name, value in fields.items():
                         form.add_field(CAMEL.get(name, name), str(value))
                     t0 = time.perf_counter()
@@ -152,10 +162,12 @@ async def measure(rounds: int) -> dict[str, Any]:
         for path in audio.values():
             subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=60", "-ac", "2",
                             "-ar", "44100", str(path)], check=True)
+        mark = Path(tmp) / "mark.png"
+        Image.new("RGBA", (128, 64), (255, 255, 255, 160)).save(mark)
         async with Services(Path(tmp) / "services", comfy=False, runners='["speech", "media"]') as services:
             report["speech"] = await speech(services, rounds)
             print("speech", report["speech"], flush=True)
-            report["transforms"] = await transforms(services, {"video": video, **audio}, rounds)
+            report["transforms"] = await transforms(services, {"video": video, "mark": mark, **audio}, rounds)
     return report
 
 
@@ -174,7 +186,7 @@ def write(report: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=40)
     args = parser.parse_args()
     write(asyncio.run(measure(args.rounds)))
     print(f"written to {RESULTS / 'media.md'}")

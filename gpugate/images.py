@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
@@ -21,12 +22,13 @@ class ImageInfo:
         return {"JPEG": ".jpg"}.get(self.format, f".{self.format.lower()}")
 
 
-def probe_image(data: bytes) -> ImageInfo:
-    """Read an image's header (not its pixels); ValueError with a client-readable reason if it is not one."""
-    if not data:
+def probe_image(source: bytes | Path) -> ImageInfo:
+    """Read an image's header (not its pixels) from bytes or a file; ValueError with a client-readable
+    reason if it is not one."""
+    if not source:
         raise ValueError("is an empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             info = ImageInfo(im.format or "?", *im.size)
     except Image.DecompressionBombError as exc:
         raise ValueError(f"is too large ({exc})") from None

@@ -2,7 +2,9 @@
 
 Versioned (``WIRE_VERSION``, sent in ``hello``); typed with pydantic so each side validates what it
 receives in one place. Agent -> router: hello, heartbeat, pull (free slots), progress, done,
-failed. Router -> agent: welcome, job, stop (a cancelled job). Files travel over HTTP, content-addressed by sha256.
+failed. Router -> agent: welcome, job, stop (a cancelled job). Files travel over HTTP under the router's names,
+unless the agent sees the router's file store itself (same host, or a shared volume: ``Welcome.store``); then it
+reads its inputs and writes its outputs there directly (layout: gpugate/filestore.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Capability(_Message):
 
 
 class Artifact(_Message):
-    """An output the agent uploaded; ``name`` is the router's content address (sha256 + extension)."""
+    """An output the agent uploaded; ``name`` is what the router stored it under."""
 
     name: str
     file_name: str
@@ -125,13 +127,23 @@ agent_message = TypeAdapter(AgentMessage)
 # ---- router -> agent ------------------------------------------------------------------------------
 
 
+class SharedStore(_Message):
+    """The router's file store, for agents that can see the same folder: ``token`` is also in the
+    folder's STORE_ID_FILE, so an agent uses the folder only when what it sees at ``path`` is this
+    router's store (not another store, or an empty folder, at the same path)."""
+
+    path: str
+    token: str
+
+
 class Welcome(_Message):
     type: Literal["welcome"] = "welcome"
     version: int = WIRE_VERSION
+    store: SharedStore | None = None
 
 
 class JobOffer(_Message):
-    """A job for the agent to run now; ``inputs`` maps parameter names to uploaded files' sha256."""
+    """A job for the agent to run now; ``inputs`` maps parameter names to the router's file names."""
 
     type: Literal["job"] = "job"
     job_id: int

@@ -1,49 +1,145 @@
-"""Files by content: stored once under their SHA-256, served at /artifacts/<sha256><ext>.
+"""The router's file store (layout: gpugate/filestore.py), served at /artifacts/<name>.
 
-Used for both directions: client uploads the agents fetch, and outputs the agents upload. Hashing
-and writing run in a worker thread; the event loop never touches file contents.
+Used for both directions: client uploads the agents read, and outputs the agents upload. A file is
+received as a stream, each chunk written in a worker thread while the next one arrives, into the
+store's incoming folder, and kept (renamed into place) only once the request that brought it is
+accepted. Nothing is held whole in memory, and the event loop never touches file contents.
+
+Names are random, not content hashes: a key holder cannot test whether some known file was uploaded
+by someone else, and a 10 MB upload does not pay the 9 ms its SHA-256 took on the benchmark host
+(bench/media.py). Agents that see this folder themselves (same host, or a shared volume) read their
+inputs and write their outputs here directly; the router tells them the store's path and token
+(gpugate/wire.py: SharedStore).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import mimetypes
+import contextlib
 import os
-import re
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-NAME = re.compile(r"^([0-9a-f]{64})(\.[a-z0-9]{1,8})?$")
+from gpugate.filestore import INCOMING, STORE_ID_FILE, new_partial, place, stored_path, write_file
+from gpugate.wire import SharedStore
+
+WRITE_BATCH = 2**20  # bytes gathered from the request before each write
+
+
+@dataclass(frozen=True)
+class Received:
+    """A file that arrived in the incoming folder; Intake.keep makes it a stored file."""
+
+    path: Path
+    size: int
 
 
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        self.root = root.resolve()
+        incoming = self.root / INCOMING
+        incoming.mkdir(parents=True, exist_ok=True)
+        for stale in incoming.iterdir():  # left by a router or agent that stopped mid-write
+            stale.unlink(missing_ok=True)
+        self.shared = SharedStore(path=str(self.root), token=_store_token(self.root))
 
     def path(self, name: str) -> Path | None:
-        """The file for an artifact name, or None if the name is malformed or unknown."""
-        match = NAME.match(name)
-        if match is None:
-            return None
-        path = self.root / match.group(1)[:2] / name
-        return path if path.is_file() else None
+        """The file for a name, or None if the name is malformed or unknown."""
+        path = stored_path(self.root, name)
+        return path if path is not None and path.is_file() else None
+
+    async def remove(self, names: Iterable[str]) -> None:
+        await asyncio.to_thread(self._remove, list(names))
+
+    def _remove(self, names: list[str]) -> None:
+        for path in filter(None, (stored_path(self.root, name) for name in names)):
+            path.unlink(missing_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def intake(self) -> AsyncIterator[Intake]:
+        """Receive files for the length of the block; those it did not keep are removed at its end."""
+        intake = Intake(self.root)
+        try:
+            yield intake
+        finally:
+            if intake.unkept:
+                await asyncio.to_thread(intake.discard)
 
     async def put(self, data: bytes, extension: str) -> str:
-        """Store ``data``; return its artifact name ``<sha256><extension>``."""
-        return await asyncio.to_thread(self._write, data, extension)
+        """Store ``data`` (a file made here, not received); return its name."""
+        return await asyncio.to_thread(write_file, self.root, data, extension)
 
-    def _write(self, data: bytes, extension: str) -> str:
-        name = hashlib.sha256(data).hexdigest() + extension
-        path = self.root / name[:2] / name
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.partial")
-            tmp.write_bytes(data)
-            tmp.rename(path)  # readers see the whole file or none
+
+class Intake:
+    """Files being received for one request (see ArtifactStore.intake)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.unkept: set[Path] = set()
+
+    async def receive(self, chunks: AsyncIterable[bytes]) -> Received:
+        """Write ``chunks`` to a new incoming file, gathered into batches of WRITE_BATCH bytes. A batch
+        is written in a thread while the next one arrives, so writing overlaps the transfer instead of
+        following it; a small file takes one trip to a thread (open, write, close)."""
+        path = new_partial(self.root)
+        self.unkept.add(path)
+        sink = _Sink(path)
+        writing: asyncio.Future[None] | None = None
+        batch: list[bytes] = []
+        try:
+            async for chunk in chunks:
+                batch.append(chunk)
+                if sum(map(len, batch)) >= WRITE_BATCH:
+                    if writing is not None:
+                        await writing
+                    writing, batch = asyncio.ensure_future(asyncio.to_thread(sink.write, batch)), []
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(asyncio.to_thread(sink.finish, batch))
+            await writing
+        finally:
+            if writing is not None and not writing.done():  # the thread must end before the file closes
+                await asyncio.wait([writing])
+            if not sink.closed:
+                await asyncio.to_thread(sink.finish, [])
+        return Received(path, sink.size)
+
+    async def keep(self, received: Received, extension: str) -> str:
+        """Make a received file a stored file; return its name."""
+        name = await asyncio.to_thread(place, self.root, received.path, extension)
+        self.unkept.discard(received.path)
         return name
 
+    def discard(self) -> None:
+        for path in self.unkept:
+            path.unlink(missing_ok=True)
 
-def extension_for(file_name: str, media_type: str) -> str:
-    ext = Path(file_name).suffix.lower() or (mimetypes.guess_extension(media_type) or "")
-    return ext if re.fullmatch(r"\.[a-z0-9]{1,8}", ext) else ""
+
+class _Sink:
+    """Writes batches of chunks to a file it opens on the first one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file, self.size, self.closed = path, None, 0, False
+
+    def write(self, batch: list[bytes]) -> None:
+        if self.file is None:
+            self.file = self.path.open("wb")
+        self.file.writelines(batch)
+        self.size += sum(map(len, batch))
+
+    def finish(self, batch: list[bytes]) -> None:
+        self.write(batch)
+        self.file.close()  # type: ignore[union-attr]
+        self.closed = True
+
+
+def _store_token(root: Path) -> str:
+    """This store's token, made on first use and kept (agents compare it with what they see)."""
+    path = root / STORE_ID_FILE
+    if not path.exists():
+        part = path.with_suffix(f".{os.getpid()}.partial")
+        part.write_text(secrets.token_hex(16))
+        part.replace(path)
+    return path.read_text().strip()

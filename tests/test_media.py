@@ -112,6 +112,8 @@ async def test_speech_round_trip_gives_the_same_words_back(router: Router, agent
     assert words(result["text"]) == words(SENTENCE)
     assert result["language"] == "en" and result["segments"][0]["start"] == 0.0
     assert result["segments"][-1]["end"] == pytest.approx(result["duration"], abs=1.0)
+    assert "using the router's file store directly" in (agent.root / "speaker.log").read_text(), \
+        "an agent on the router's host reads its inputs in place (tests/test_files.py covers the other way)"
 
 
 async def test_speech_in_other_formats_and_queued(router: Router, agent: Agents, key: str, tmp_path: Path) -> None:

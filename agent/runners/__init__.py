@@ -1,5 +1,6 @@
 """What an agent can run, one module per capability family. Each runner says what it offers and
-runs one job at a time per call; the link (agent/link.py) moves jobs and files."""
+runs one job at a time per call; the link (agent/link.py) moves jobs and files. Input files reach a
+runner as paths (agent/files.py), which it only reads: they may be the router's own files."""
 
 from __future__ import annotations
 

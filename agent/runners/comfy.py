@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gpugate.wire import Capability, Model
@@ -41,7 +43,8 @@ class ComfyRunner:
         def progress(p: Progress) -> None:
             on_progress(JobProgress(p.step, p.total, p.node_type))
 
-        outputs = await self.engine.run(capability, params, job_id=job_id, on_progress=progress)
+        images = {k: await asyncio.to_thread(v.read_bytes) for k, v in params.items() if isinstance(v, Path)}  # small
+        outputs = await self.engine.run(capability, {**params, **images}, job_id=job_id, on_progress=progress)
         template = self.engine.library.get(capability)
         self._remember([str(params[n]) for n, s in template.params.items() if s.type is ParamType.MODEL and n in params])
         return RunResult(files=[OutputFile(o.filename, o.media_type, o.data) for o in outputs])

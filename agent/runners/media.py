@@ -133,15 +133,13 @@ class MediaRunner(WithoutModels):
                   on_progress: Callable[[JobProgress], None]) -> RunResult:
         field, build, extension = TRANSFORMS[capability]
         extension = extension or params["output_format"]
+        src: Path = params[field]
+        values = {k: v for k, v in params.items() if not isinstance(v, Path)}
+        if isinstance(mark := params.get("watermark"), Path):
+            await probe(mark, "watermark")
+            values["_watermark"] = str(mark)
         with tempfile.TemporaryDirectory(prefix=f"gpugate-{job_id}-") as tmp:
-            src, dst = Path(tmp) / "input", Path(tmp) / f"output.{extension}"
-            values = {k: v for k, v in params.items() if not isinstance(v, bytes)}
-            await asyncio.to_thread(src.write_bytes, params[field])
-            if isinstance(params.get("watermark"), bytes):
-                mark = Path(tmp) / "watermark"
-                await asyncio.to_thread(mark.write_bytes, params["watermark"])
-                await probe(mark, "watermark")
-                values["_watermark"] = str(mark)
+            dst = Path(tmp) / f"output.{extension}"
             info = await probe(src, field)
             if info.duration > self.settings.media.max_duration_s:
                 raise InvalidRequest(FieldError(field, f"is {info.duration:.0f}s long; the limit is "

@@ -118,16 +118,13 @@ class WhisperRunner(_SpeechRunner):
 
     async def run(self, capability: str, job_id: str, params: dict[str, Any],
                   on_progress: Callable[[JobProgress], None]) -> RunResult:
-        with tempfile.TemporaryDirectory(prefix=f"gpugate-{job_id}-") as tmp:
-            audio = Path(tmp) / "audio"
-            await asyncio.to_thread(audio.write_bytes, params["audio"])
-            info = await probe(audio, "audio")
-            if not info.has_audio:
-                raise InvalidRequest(FieldError("audio", "has no audio stream", "not_media"))
-            model, lock = await self.catalog.get(params.get("model"))
-            async with lock:
-                segments, detected = await stoppable(
-                    lambda stop: _transcribe(model, str(audio), params.get("language"), stop))
+        audio: Path = params["audio"]
+        info = await probe(audio, "audio")
+        if not info.has_audio:
+            raise InvalidRequest(FieldError("audio", "has no audio stream", "not_media"))
+        model, lock = await self.catalog.get(params.get("model"))
+        async with lock:
+            segments, detected = await stoppable(lambda stop: _transcribe(model, str(audio), params.get("language"), stop))
         text = "".join(s["text"] for s in segments).strip()
         return RunResult(texts=[text], details={"language": detected.language, "duration": round(detected.duration, 3),
                                                 "segments": segments})

@@ -8,13 +8,14 @@ import time
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
+from gpugate.filestore import extension_for
 from gpugate.wire import Done, Failed, Heartbeat, Hello, JobOffer, Progress, Pull, StopJob, Welcome, agent_message
 
-from ..artifacts import extension_for
 from ..state import AGENTS, ARTIFACTS, QUEUE, SETTINGS
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
+UPLOAD_CHUNK = 2**22
 
 
 def routes() -> list[web.RouteDef]:
@@ -43,7 +44,7 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
     queue = app[QUEUE]
     log.info("agent joined", extra={"agent": agent.name, "capabilities": ",".join(agent.capabilities),
                                     "models": len(agent.models), "free_vram": agent.free_vram})
-    await ws.send_str(Welcome().model_dump_json())
+    await ws.send_str(Welcome(store=app[ARTIFACTS].shared).model_dump_json())
     try:
         async for msg in ws:
             if msg.type is not WSMsgType.TEXT:
@@ -74,10 +75,11 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def upload_artifact(request: web.Request) -> web.Response:
-    """An agent's output file; stored by content, answered with its name."""
-    data = await request.read()
+    """An agent's output file, streamed into the store; answered with its name."""
     ext = extension_for(request.query.get("fileName", ""), request.content_type)
-    return web.json_response({"name": await request.app[ARTIFACTS].put(data, ext)})
+    async with request.app[ARTIFACTS].intake() as intake:
+        received = await intake.receive(request.content.iter_chunked(UPLOAD_CHUNK))
+        return web.json_response({"name": await intake.keep(received, ext)})
 
 
 async def download_file(request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gpugate.errors import FieldError
 
+from ..artifacts import Intake
 from ..callbacks import reply_to_problem
 from ..state import ARTIFACTS, CATALOG, KEY, QUEUE, SETTINGS
 from ..store import DuplicateRefId, Job, JobState, Key
@@ -30,9 +31,9 @@ def routes(echo: bool) -> list[web.RouteDef]:
 def _generation(model: type[ApiRequest], *, sync: bool):  # noqa: ANN202 - an aiohttp handler
     async def handle(request: web.Request) -> web.Response:
         app, key = request.app, request[KEY]
-        fields = await read_fields(request, int(app[SETTINGS].router.max_upload_mb * 2**20))
-        parsed = parse(model, fields)
-        job = await _submit(request, model, parsed, key)
+        async with app[ARTIFACTS].intake() as intake:  # uploads not kept by a submitted job are removed
+            fields = await read_fields(request, int(app[SETTINGS].router.max_upload_mb * 2**20), intake)
+            job = await _submit(request, model, parse(model, fields), key, intake)
         if sync:
             finished = await app[QUEUE].wait_finished(job.id, app[SETTINGS].router.sync_timeout_s)
             if finished is not None:
@@ -42,7 +43,7 @@ def _generation(model: type[ApiRequest], *, sync: bool):  # noqa: ANN202 - an ai
     return handle
 
 
-async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequest, key: Key) -> Job:
+async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequest, key: Key, intake: Intake) -> Job:
     app = request.app
     spec = parsed.job(app[CATALOG])
     if parsed.reply_to and (problem := await reply_to_problem(parsed.reply_to,
@@ -50,15 +51,16 @@ async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequ
         raise invalid([FieldError("replyTo", problem)])
     inputs = {}
     for name, file in spec.files.items():
-        data, ext = (file.data, file.info.extension) if isinstance(file, Upload) else (file, "")
-        inputs[name] = await app[ARTIFACTS].put(data, ext)
+        received, ext = (file.file, file.info.extension) if isinstance(file, Upload) else (file, "")
+        inputs[name] = await intake.keep(received, ext)
     job = Job(id=0, api=model.__name__, capability=spec.capability, params=spec.params, inputs=inputs,
               model=spec.model, megapixels=spec.megapixels, max_attempts=app[SETTINGS].router.max_attempts,
               key_id=key.id, ref_id=parsed.ref_id, tag=parsed.tag, reply_to=parsed.reply_to,
               base_url=base_url(request) if parsed.reply_to else None)
     try:
         return app[QUEUE].submit(job)
-    except DuplicateRefId:  # a retried request: the job it already made is the answer
+    except DuplicateRefId:  # a retried request: the job it already made is the answer, with its own files
+        await app[ARTIFACTS].remove(inputs.values())
         existing = app[QUEUE].get_by_ref(key.id, parsed.ref_id or "")
         if existing is None or existing.api != job.api:
             raise invalid([FieldError("refId", "is already used by another request")]) from None

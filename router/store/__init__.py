@@ -29,7 +29,7 @@ class Job:
     api: str  # the public API it came through: TextToImage, ...
     capability: str  # what an agent runs: txt2img, ...
     params: dict[str, Any]
-    inputs: dict[str, str]  # parameter -> sha256 of an uploaded file
+    inputs: dict[str, str]  # parameter -> the stored name of an uploaded file
     model: str | None
     megapixels: float
     max_attempts: int

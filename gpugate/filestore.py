@@ -1,0 +1,54 @@
+"""The layout of the router's file store, shared by the router (router/artifacts.py, which owns it)
+and by agents that see the same folder (agent/files.py: same host, or a shared volume).
+
+<root>/<first two hex digits>/<name> holds each file; a name is 64 random hex digits and an
+extension, so it cannot be guessed from the content. Files are written under incoming/ first and
+renamed into place, so a reader sees a whole file or none. STORE_ID_FILE holds the token that
+names the store (gpugate/wire.py: SharedStore).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+import secrets
+from pathlib import Path
+
+NAME = re.compile(r"^([0-9a-f]{64})(\.[a-z0-9]{1,8})?$")
+INCOMING = "incoming"
+STORE_ID_FILE = ".store-id"
+
+
+def stored_path(root: Path, name: str) -> Path | None:
+    """Where the store under ``root`` keeps file ``name``; None for a malformed name."""
+    return root / name[:2] / name if NAME.match(name) else None
+
+
+def new_partial(root: Path) -> Path:
+    """A fresh path in the incoming folder to write a file to before it is placed."""
+    return root / INCOMING / f"{secrets.token_hex(16)}.partial"
+
+
+def place(root: Path, partial: Path, extension: str) -> str:
+    """Rename a written file into the store under a new name; return the name."""
+    name = secrets.token_hex(32) + extension
+    path = root / name[:2] / name
+    path.parent.mkdir(exist_ok=True)
+    partial.rename(path)
+    return name
+
+
+def write_file(root: Path, data: bytes, extension: str) -> str:
+    """Write ``data`` as a new file of the store; return its name."""
+    partial = new_partial(root)
+    try:
+        partial.write_bytes(data)
+        return place(root, partial, extension)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def extension_for(file_name: str, media_type: str) -> str:
+    """The extension a file is stored with: from its name, else its media type; '' if neither is sane."""
+    ext = Path(file_name).suffix.lower() or (mimetypes.guess_extension(media_type) or "")
+    return ext if re.fullmatch(r"\.[a-z0-9]{1,8}", ext) else ""
