@@ -88,13 +88,16 @@ class Intake:
         sink = _Sink(path)
         writing: asyncio.Future[None] | None = None
         batch: list[bytes] = []
+        batched = 0
         try:
             async for chunk in chunks:
                 batch.append(chunk)
-                if sum(map(len, batch)) >= WRITE_BATCH:
+                batched += len(chunk)
+                if batched >= WRITE_BATCH:
                     if writing is not None:
                         await writing
-                    writing, batch = asyncio.ensure_future(asyncio.to_thread(sink.write, batch)), []
+                    writing = asyncio.ensure_future(asyncio.to_thread(sink.write, batch))
+                    batch, batched = [], 0
             if writing is not None:
                 await writing
             writing = asyncio.ensure_future(asyncio.to_thread(sink.finish, batch))
