@@ -45,6 +45,8 @@ def test_compose_runs_a_router_and_an_agent_that_reserves_the_gpus() -> None:
     assert gpus == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
     assert any(v.startswith("models:") for v in agent["volumes"]) and set(compose["volumes"]) >= {"models", "agent-data"}
     assert agent["depends_on"]["router"]["condition"] == "service_healthy" and "health" in router["healthcheck"]["test"]
+    assert "files:/app/data/artifacts" in router["volumes"] and "files:/app/data/artifacts" in agent["volumes"], \
+        "the agent sees the router's file store at the router's path (the image's data folder)"
 
 
 @pytest.fixture(scope="module")
