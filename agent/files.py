@@ -3,8 +3,8 @@
 An agent that sees the router's file store itself (same host, or a shared volume; the router names
 its store in the welcome, gpugate/wire.py: SharedStore) reads its inputs there in place and writes
 its outputs there directly (layout: gpugate/filestore.py): a 10 MB upload then costs the agent
-nothing. Otherwise each input is downloaded, streamed to the job's folder in large writes off the
-event loop, never held whole in memory, and each output is uploaded.
+nothing. Otherwise each input is downloaded, streamed to the job's folder (never held whole in
+memory), and each output is uploaded.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from pathlib import Path
 
 import aiohttp
 
-from gpugate.filestore import INCOMING, NAME, STORE_ID_FILE, extension_for, stored_path, write_file
+from gpugate.filestore import INCOMING, NAME, STORE_ID_FILE, extension_for, stored_path, write_file, write_stream
 from gpugate.wire import Artifact, SharedStore
 
 from .runners import OutputFile
 
 log = logging.getLogger(__name__)
-WRITE_CHUNK = 2**22  # bytes gathered from the socket before each write to disk
 
 
 class RouterFiles:
@@ -54,19 +53,7 @@ class RouterFiles:
     async def _download(self, name: str, path: Path) -> Path:
         async with self.http.get(f"/agent/files/{name}") as r:
             r.raise_for_status()
-            out = await asyncio.to_thread(path.open, "wb")
-            try:
-                pending: list[bytes] = []
-                size = 0
-                async for chunk in r.content.iter_chunked(WRITE_CHUNK):
-                    pending.append(chunk)
-                    size += len(chunk)
-                    if size >= WRITE_CHUNK:
-                        await asyncio.to_thread(out.writelines, pending)
-                        pending, size = [], 0
-                await asyncio.to_thread(out.writelines, pending)
-            finally:
-                await asyncio.to_thread(out.close)
+            await write_stream(path, r.content.iter_any())
         return path
 
     async def store_output(self, file: OutputFile) -> Artifact:

@@ -1,9 +1,9 @@
 """The router's file store (layout: gpugate/filestore.py), served at /artifacts/<name>.
 
 Used for both directions: client uploads the agents read, and outputs the agents upload. A file is
-received as a stream, each chunk written in a worker thread while the next one arrives, into the
-store's incoming folder, and kept (renamed into place) only once the request that brought it is
-accepted. Nothing is held whole in memory, and the event loop never touches file contents.
+received as a stream (gpugate/filestore.py: write_stream) into the store's incoming folder, and
+kept (renamed into place) only once the request that brought it is accepted. Nothing is held whole
+in memory, and the event loop never touches file contents.
 
 Names are random, not content hashes: a key holder cannot test whether some known file was uploaded
 by someone else, and a 10 MB upload does not pay the 9 ms its SHA-256 took on the benchmark host
@@ -22,10 +22,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpugate.filestore import INCOMING, STORE_ID_FILE, new_partial, place, stored_path, write_file
+from gpugate.filestore import INCOMING, STORE_ID_FILE, new_partial, place, stored_path, write_file, write_stream
 from gpugate.wire import SharedStore
-
-WRITE_BATCH = 2**20  # bytes gathered from the request before each write
 
 
 @dataclass(frozen=True)
@@ -80,34 +78,10 @@ class Intake:
         self.unkept: set[Path] = set()
 
     async def receive(self, chunks: AsyncIterable[bytes]) -> Received:
-        """Write ``chunks`` to a new incoming file, gathered into batches of WRITE_BATCH bytes. A batch
-        is written in a thread while the next one arrives, so writing overlaps the transfer instead of
-        following it; a small file takes one trip to a thread (open, write, close)."""
+        """Write ``chunks`` to a new incoming file as they arrive."""
         path = new_partial(self.root)
         self.unkept.add(path)
-        sink = _Sink(path)
-        writing: asyncio.Future[None] | None = None
-        batch: list[bytes] = []
-        batched = 0
-        try:
-            async for chunk in chunks:
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= WRITE_BATCH:
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.ensure_future(asyncio.to_thread(sink.write, batch))
-                    batch, batched = [], 0
-            if writing is not None:
-                await writing
-            writing = asyncio.ensure_future(asyncio.to_thread(sink.finish, batch))
-            await writing
-        finally:
-            if writing is not None and not writing.done():  # the thread must end before the file closes
-                await asyncio.wait([writing])
-            if not sink.closed:
-                await asyncio.to_thread(sink.finish, [])
-        return Received(path, sink.size)
+        return Received(path, await write_stream(path, chunks))
 
     async def keep(self, received: Received, extension: str) -> str:
         """Make a received file a stored file; return its name."""
@@ -118,24 +92,6 @@ class Intake:
     def discard(self) -> None:
         for path in self.unkept:
             path.unlink(missing_ok=True)
-
-
-class _Sink:
-    """Writes batches of chunks to a file it opens on the first one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.file, self.size, self.closed = path, None, 0, False
-
-    def write(self, batch: list[bytes]) -> None:
-        if self.file is None:
-            self.file = self.path.open("wb")
-        self.file.writelines(batch)
-        self.size += sum(map(len, batch))
-
-    def finish(self, batch: list[bytes]) -> None:
-        self.write(batch)
-        self.file.close()  # type: ignore[union-attr]
-        self.closed = True
 
 
 def _store_token(root: Path) -> str:

@@ -15,7 +15,6 @@ from ..state import AGENTS, ARTIFACTS, QUEUE, SETTINGS
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
-UPLOAD_CHUNK = 2**22
 
 
 def routes() -> list[web.RouteDef]:
@@ -78,7 +77,7 @@ async def upload_artifact(request: web.Request) -> web.Response:
     """An agent's output file, streamed into the store; answered with its name."""
     ext = extension_for(request.query.get("fileName", ""), request.content_type)
     async with request.app[ARTIFACTS].intake() as intake:
-        received = await intake.receive(request.content.iter_chunked(UPLOAD_CHUNK))
+        received = await intake.receive(request.content.iter_any())
         return web.json_response({"name": await intake.keep(received, ext)})
 
 
