@@ -109,25 +109,8 @@ write_config() {
     ask ROUTER_URL "Router URL for this host's agent (empty: none yet):"
     ask TOKEN "The router's agent token (empty: none yet):"
     [ -n "$ROUTER_URL$TOKEN" ] || { [ -f "$CONFIG" ] || say "no router set: run again with --router-url and --token, or edit $CONFIG"; return 0; }
-    "$VENV/bin/python" - "$CONFIG" "$ROUTER_URL" "$TOKEN" <<'PY'
-import os, sys, tomllib
-path, url, token = sys.argv[1:]
-config = tomllib.loads(open(path).read()) if os.path.exists(path) else {}
-agent = config.setdefault("agent", {})
-agent.update({k: v for k, v in (("router_url", url), ("token", token)) if v})
-def value(v):
-    return str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, (int, float)) else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-lines = []
-for section, values in config.items():
-    lines.append(f"[{section}]")
-    lines += [f"{k} = {value(v)}" for k, v in values.items()]
-    lines.append("")
-text = "\n".join(lines)
-if not os.path.exists(path) or open(path).read() != text:
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-        out.write(text)
-    print(f"gpugate install: settings written to {path}")
-PY
+    # Only the keys given change; the rest of the file (comments, lists, tables) stays as it is.
+    "$VENV/bin/python" -m gpugate.config_file "$CONFIG" ${ROUTER_URL:+"agent.router_url=$ROUTER_URL"} ${TOKEN:+"agent.token=$TOKEN"}
 }
 
 pull_models() {

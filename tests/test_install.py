@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpugate.settings import PROJECT_ROOT, Settings
+from gpugate.settings import PROJECT_ROOT, Settings, load_settings
 from router.keys import create_key
 from router.state import STORE
 from tests.services import TOKEN, Router, call, router_settings_in
@@ -105,3 +105,38 @@ async def test_install_sh_unattended_in_a_clean_copy_gives_a_working_agent_and_a
     assert second.returncode == 0, second.stdout + second.stderr
     assert "settings written" not in second.stdout
     assert _state(copy) == before, "a second run changes nothing"
+
+
+def test_install_sh_changes_only_the_keys_it_was_given_in_an_existing_settings_file(tmp_path: Path) -> None:
+    config = tmp_path / "gpugate.toml"
+    original = """# written by hand: keep me
+[agent]
+name = "gpu-box-1"   # the name on the dashboard
+router_url = "http://old-router:8420"
+runners = ["comfy", "speech"]
+gpus = [{ name = "A100", vram_total_gb = 80, vram_free_gb = 78 }]
+
+[workflows]
+dirs = ["workflows", "/srv/flows"]  # ours first
+
+[router]
+callback_allow_networks = [
+    "10.0.0.0/8",  # the office
+]
+"""
+    config.write_text(original)
+
+    def install_config(*values: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "gpugate.config_file", str(config), *values], cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, check=True)
+        return done.stdout
+
+    said = install_config("agent.router_url=http://new-router:8420", "agent.token=s3cret")
+    assert said == f"gpugate install: settings written to {config}\n"
+    expected = original.replace('router_url = "http://old-router:8420"', 'router_url = "http://new-router:8420"').replace(
+        "vram_free_gb = 78 }]\n", 'vram_free_gb = 78 }]\ntoken = "s3cret"\n')  # a new key ends its table
+    assert config.read_text() == expected, "everything else byte for byte: comments, lists, tables"
+    assert install_config("agent.router_url=http://new-router:8420") == "", "nothing to change: not rewritten"
+    settings = load_settings(config, environ={})
+    assert settings.agent.runners == ("comfy", "speech") and settings.agent.gpus[0].name == "A100"  # type: ignore[index]
+    assert settings.agent.token == "s3cret" and settings.router.callback_allow_networks == ("10.0.0.0/8",)
