@@ -1,9 +1,22 @@
 """The agent's connection to the router: register, heartbeat, pull jobs, run them, report back.
 
-One websocket (a pull: the agent asks for as many jobs as it has free slots, one more each time
-a job ends), files by name (agent/files.py). When the connection drops, the router has
-already queued this agent's jobs again, so running jobs are cancelled (their ComfyUI prompts
-interrupted) and the link reconnects with backoff.
+One websocket (a pull: the agent asks for as many jobs as it has free slots, one more each time a
+job ends), files by name (agent/files.py). Jobs belong to the agent, not to a connection:
+
+- When the connection drops (the router restarts, the network blips), running jobs go on. The
+  link reconnects with backoff and lists in its hello the jobs it holds (running, or answered but
+  not acknowledged); the router says which it still leases to this agent. Answers wait for a
+  connection, and are sent again until the router acknowledges them.
+- On stop (SIGTERM) the agent drains: it tells the router it is leaving (no more offers), lets
+  running jobs finish for ``agent.shutdown_grace_s`` and delivers their answers, then stops what
+  is left and hands it back as ``shutdown`` (queued again without using an attempt).
+- The router may refuse a connection (the name is taken by another agent, another wire version):
+  the reason is logged and the link keeps trying, more slowly.
+
+Faults are classified here, where they are met: a job's input missing from the router is an
+infrastructure fault, an OSError (a full disk) too, a lost connection to the router during a file
+transfer is retried on the next connection, and anything else is the runner's bug (execution
+error), never a hang.
 """
 
 from __future__ import annotations
@@ -12,26 +25,74 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import socket
 import tempfile
 import time
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from gpugate.errors import ExecutionError, FieldError, Interrupted, InvalidRequest, JobFailed, WorkerLost
+from gpugate.errors import (
+    ExecutionError, FieldError, InfrastructureFault, Interrupted, InvalidRequest, JobFailed, ShutDown, WorkerLost,
+)
 from gpugate.settings import Settings
 from gpugate.wire import (
-    Done, Failed, Failure, Heartbeat, Hello, JobOffer, Model, Progress, Pull, StopJob, Welcome, router_message,
+    WIRE_VERSION, Ack, Artifact, Capability, Done, Failed, Failure, Heartbeat, HeldJob, Hello, JobOffer, Leaving, Model,
+    Progress, Pull, Refused, StopJob, Welcome, router_message, version_of,
 )
 
 from .files import RouterFiles
 from .gpu import report_devices
-from .runners import JobProgress, Runner
+from .runners import JobProgress, Runner, RunResult
 
 log = logging.getLogger(__name__)
-RECONNECT_MAX_S = 10.0
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 5.0
+REFUSED_RETRY_S = 10.0  # after the router refused this agent (its name in use, another version)
+HANDBACK_S = 10.0  # after the grace period: how long hand-backs may take to be acknowledged
+FETCH_TRIES = 3
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+
+
+class StopReason(StrEnum):
+    CANCELLED = "cancelled"  # the router stopped it (CancelJob): answer interrupted
+    SHUTDOWN = "shutdown"  # this agent is stopping: hand it back
+    DROPPED = "dropped"  # the router no longer leases it to us: forget it
+
+
+@dataclass
+class Work:
+    """A job this agent holds, from its offer until the router acknowledges its answer."""
+
+    offer: JobOffer
+    session: str  # the session holding its lease (moves when a reconnect resumes it)
+    task: asyncio.Task[None] | None = None
+    answer: RunResult | Failure | None = None
+    stored: list[Artifact] | None = None  # its outputs, once put in the router's store
+    stop_reason: StopReason | None = None
+
+    @property
+    def held(self) -> HeldJob:
+        return HeldJob(job_id=self.offer.job_id, attempt=self.offer.attempt, session=self.session)
+
+
+@dataclass
+class _Session:
+    """One connection: its id, its files, and the messages waiting to go out on it."""
+
+    id: str
+    files: RouterFiles
+    outbox: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+
+    def send(self, message: Any) -> None:
+        self.outbox.put_nowait(message.model_dump_json())
+
+
+class Refusal(Exception):
+    """The router would not take this connection (wire.Refused)."""
 
 
 class RouterLink:
@@ -41,48 +102,91 @@ class RouterLink:
         self.settings = settings
         self.url = settings.agent.router_url.rstrip("/")
         self.name = settings.agent.name or socket.gethostname()
-        self.runners = {cap.name: runner for runner in runners for cap in runner.capabilities()}
+        self.instance = secrets.token_hex(8)  # this process: the router tells a reconnect from a namesake
         self._runners = runners
+        self._routes: dict[str, Runner] = {}  # capability -> runner, for every capability ever offered
         self._headers = {"Authorization": f"Bearer {settings.agent.token}"}
+        self.work: dict[int, Work] = {}
+        self.draining = False
         self.connected = asyncio.Event()
+        self._session: _Session | None = None
+        self._settled = asyncio.Event()  # no work held
+        self._settled.set()
+        self._answers = asyncio.Event()  # an answer is ready to be delivered
+
+    # ---- lifetime ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected (reconnecting with backoff) until ``stop`` is set."""
+        """Stay connected (reconnecting with backoff) until ``stop`` is set, then drain and leave."""
+        connection = asyncio.create_task(self._stay_connected(), name="router-connection")
         try:
-            await self._stay_connected(stop)
+            await stop.wait()
+            await self._drain()
         finally:
+            connection.cancel()
+            tasks = [w.task for w in self.work.values() if w.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(connection, *tasks, return_exceptions=True)
             (self.settings.health_dir / f"{self.name}.json").unlink(missing_ok=True)
 
-    async def _stay_connected(self, stop: asyncio.Event) -> None:
-        delay = 0.2
-        async with aiohttp.ClientSession(self.url, headers=self._headers) as http:
-            while not stop.is_set():
+    async def _drain(self) -> None:
+        """Take no more work, let running jobs finish within the grace period, hand back the rest."""
+        self.draining = True
+        if self._session is not None:
+            self._session.send(Leaving())
+        grace = self.settings.agent.shutdown_grace_s
+        log.info("agent draining", extra={"agent": self.name, "jobs": len(self.work), "grace_s": grace})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), grace)
+            return
+        left = [w for w in self.work.values() if w.answer is None and w.task is not None]
+        log.warning("grace period over; handing back unfinished jobs", extra={"jobs": [w.offer.job_id for w in left]})
+        for work in left:
+            self._stop(work, StopReason.SHUTDOWN)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), HANDBACK_S)
+
+    async def _stay_connected(self) -> None:
+        delay = RECONNECT_MIN_S
+        async with aiohttp.ClientSession(self.url, headers=self._headers, timeout=HTTP_TIMEOUT) as http:
+            while True:
                 try:
-                    await self._session(http, stop)
-                    delay = 0.2
+                    await self._connection(http)
+                    delay = RECONNECT_MIN_S
+                except Refusal as exc:
+                    log.error("router refused this agent", extra={"router": self.url, "agent": self.name, "error": str(exc)})
+                    delay = REFUSED_RETRY_S
                 except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
                     log.warning("router unreachable", extra={"router": self.url, "error": str(exc) or type(exc).__name__})
+                except Exception:  # a bug in a session must not end the agent: log it and reconnect
+                    log.exception("router connection failed")
                 finally:
+                    self._session = None
                     self.connected.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S) if delay < REFUSED_RETRY_S else delay
 
-    async def _session(self, http: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+    # ---- one connection ------------------------------------------------------------------------------
+
+    async def _connection(self, http: aiohttp.ClientSession) -> None:
         async with http.ws_connect("/agent/ws", heartbeat=10, max_msg_size=16 * 2**20) as ws:
             await ws.send_str((await self._hello()).model_dump_json())
-            welcome = router_message.validate_json((await ws.receive()).data)
-            if not isinstance(welcome, Welcome):
-                raise ConnectionError("router did not welcome us")
-            log.info("joined router", extra={"router": self.url, "agent": self.name})
-            files = await RouterFiles.for_session(http, welcome.store)
-            outbox: asyncio.Queue[str] = asyncio.Queue()  # one writer keeps progress before its outcome
-            outbox.put_nowait(Pull(slots=self.settings.agent.concurrency).model_dump_json())
-            jobs: dict[int, asyncio.Task[None]] = {}
-            tasks = [asyncio.create_task(self._send(ws, outbox), name="send"),
-                     asyncio.create_task(self._heartbeats(outbox), name="heartbeats"),
-                     asyncio.create_task(self._receive(files, ws, outbox, jobs), name="receive"),
-                     asyncio.create_task(stop.wait(), name="stop")]
+            welcome = await self._welcome(ws)
+            session = _Session(welcome.session, await RouterFiles.for_session(http, welcome.store))
+            self._resume(welcome, session)
+            log.info("joined router", extra={"router": self.url, "agent": self.name, "session": session.id,
+                                             "resumed": len(welcome.resumed)})
+            if self.draining:
+                session.send(Leaving())
+            elif free := self.settings.agent.concurrency - sum(w.answer is None for w in self.work.values()):
+                session.send(Pull(slots=free))
+            self._session = session
+            self._answers.set()  # answers waiting from before this connection go out now
+            tasks = [asyncio.create_task(self._send(ws, session), name="send"),
+                     asyncio.create_task(self._heartbeats(session), name="heartbeats"),
+                     asyncio.create_task(self._deliver(session), name="deliver"),
+                     asyncio.create_task(self._receive(ws, session), name="receive")]
             self.connected.set()
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -90,85 +194,216 @@ class RouterLink:
                     if not task.cancelled() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
             finally:
-                for task in (*jobs.values(), *tasks):
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(*jobs.values(), *tasks, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _send(self, ws: aiohttp.ClientWebSocketResponse, outbox: asyncio.Queue[str]) -> None:
+    async def _welcome(self, ws: aiohttp.ClientWebSocketResponse) -> Welcome:
+        first = await ws.receive(timeout=30)
+        if first.type is not aiohttp.WSMsgType.TEXT:
+            raise ConnectionError(f"router closed the connection before welcoming us ({first.type.name})")
+        version = version_of(first.data)
+        if version is not None and version != WIRE_VERSION:
+            raise Refusal(f"the router speaks wire protocol version {version}, this agent {WIRE_VERSION}: "
+                          "run the same gpugate version on the router and its agents")
+        message = router_message.validate_json(first.data)
+        if isinstance(message, Refused):
+            raise Refusal(message.reason)
+        if not isinstance(message, Welcome):
+            raise ConnectionError("router did not welcome us")
+        return message
+
+    def _resume(self, welcome: Welcome, session: _Session) -> None:
+        """Jobs held from before: resumed ones now belong to this session, dropped ones are forgotten."""
+        for job_id in welcome.resumed:
+            if (work := self.work.get(job_id)) is not None:
+                work.session = session.id
+        for job_id in welcome.dropped:
+            if (work := self.work.get(job_id)) is not None:
+                log.info("router no longer leases this job to us; dropping it", extra={"job": job_id})
+                self._stop(work, StopReason.DROPPED)
+                self._forget(job_id)
+
+    async def _send(self, ws: aiohttp.ClientWebSocketResponse, session: _Session) -> None:
         while True:
-            await ws.send_str(await outbox.get())
+            await ws.send_str(await session.outbox.get())
 
-    async def _receive(self, files: RouterFiles, ws: aiohttp.ClientWebSocketResponse,
-                       outbox: asyncio.Queue[str], jobs: dict[int, asyncio.Task[None]]) -> None:
+    async def _receive(self, ws: aiohttp.ClientWebSocketResponse, session: _Session) -> None:
         async for msg in ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue
             message = router_message.validate_json(msg.data)
             if isinstance(message, JobOffer):
-                task = asyncio.create_task(self._run_job(files, outbox, message), name=f"job-{message.job_id}")
-                jobs[message.job_id] = task
-                task.add_done_callback(lambda _, job_id=message.job_id: jobs.pop(job_id, None))
-            elif isinstance(message, StopJob) and (task := jobs.get(message.job_id)) is not None:
+                self._accept(message, session)
+            elif isinstance(message, StopJob) and (work := self.work.get(message.job_id)) is not None:
                 log.info("job cancelled by the router", extra={"job": message.job_id, "attempt": message.attempt})
-                task.cancel()
+                self._stop(work, StopReason.CANCELLED)
+            elif isinstance(message, Ack) and (work := self.work.get(message.job_id)) is not None \
+                    and work.offer.attempt == message.attempt and work.answer is not None:
+                self._forget(message.job_id)
 
-    async def _run_job(self, files: RouterFiles, outbox: asyncio.Queue[str], offer: JobOffer) -> None:
+    async def _heartbeats(self, session: _Session) -> None:
+        last_models = await self._models()
+        last_capabilities = self._capabilities()
+        while True:
+            await asyncio.sleep(self.settings.agent.heartbeat_s)
+            models, capabilities = await self._models(), self._capabilities()
+            _, devices = await asyncio.to_thread(report_devices, self.settings)  # NVML: off the event loop
+            session.send(Heartbeat(devices=devices, loaded=[m for r in self._runners for m in r.loaded()],
+                                   models=models if models != last_models else None,
+                                   capabilities=capabilities if capabilities != last_capabilities else None))
+            last_models, last_capabilities = models, capabilities
+            await asyncio.to_thread(self._mark_alive)
+
+    # ---- jobs ------------------------------------------------------------------------------------
+
+    def _accept(self, offer: JobOffer, session: _Session) -> None:
+        if self.draining:  # offered before the router read our Leaving: hand it straight back
+            work = Work(offer, session.id, answer=Failure.of(ShutDown("the agent is shutting down")))
+        else:
+            work = Work(offer, session.id)
+            work.task = asyncio.create_task(self._run(work), name=f"job-{offer.job_id}")
+        self.work[offer.job_id] = work
+        self._settled.clear()
+        if work.answer is not None:
+            self._answers.set()
+
+    def _stop(self, work: Work, reason: StopReason) -> None:
+        if work.task is not None and not work.task.done():
+            work.stop_reason = reason
+            work.task.cancel()
+
+    def _forget(self, job_id: int) -> None:
+        self.work.pop(job_id, None)
+        if not self.work:
+            self._settled.set()
+
+    async def _run(self, work: Work) -> None:
+        offer = work.offer
         extra = {"job": offer.job_id, "attempt": offer.attempt, "capability": offer.capability}
         log.info("job received", extra=extra)
         try:
-            runner = self.runners.get(offer.capability)
-            if runner is None:
-                raise InvalidRequest(FieldError("capability", f"this agent cannot run {offer.capability}"))
-
-            def progress(p: JobProgress) -> None:
-                outbox.put_nowait(Progress(job_id=offer.job_id, attempt=offer.attempt, step=p.step, total=p.total,
-                                           node=p.node).model_dump_json())
-
-            with tempfile.TemporaryDirectory(prefix=f"gpugate-inputs-{offer.job_id}-") as folder:
-                params: dict[str, Any] = dict(offer.params)
-                for name, file in offer.inputs.items():
-                    params[name] = await files.fetch(file, Path(folder))
-                result = await runner.run(offer.capability, f"{offer.job_id}-{offer.attempt}", params, progress)
-            artifacts = [await files.store_output(f) for f in result.files]
-            answer: Done | Failed = Done(job_id=offer.job_id, attempt=offer.attempt, artifacts=artifacts,
-                                         texts=result.texts, details=result.details)
-            log.info("job done", extra={**extra, "files": len(artifacts)})
+            work.answer = await self._execute(work)
+            log.info("job done", extra={**extra, "files": len(work.answer.files)})
         except JobFailed as exc:
-            answer = Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(exc))
+            work.answer = Failure.of(exc)
             log.warning("job failed", extra={**extra, "kind": exc.kind.value, "error": exc.message})
-        except asyncio.CancelledError:  # stopped by the router, or this session is closing
-            answer = Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(Interrupted("cancelled")))
-            log.info("job stopped", extra=extra)
-        except aiohttp.ClientError as exc:  # file transfer with the router broke
-            answer = Failed(job_id=offer.job_id, attempt=offer.attempt,
-                            failure=Failure.of(WorkerLost(f"file transfer with the router failed: {exc}")))
-        except Exception as exc:  # a bug or a local fault must end the job with an answer, never hang it
+        except asyncio.CancelledError:
+            if work.stop_reason is StopReason.DROPPED or work.stop_reason is None:
+                raise  # forgotten, or the agent is exiting
+            failure = ShutDown("the agent shut down before the job finished") if work.stop_reason is StopReason.SHUTDOWN \
+                else Interrupted("cancelled")
+            work.answer = Failure.of(failure)
+            log.info("job stopped", extra={**extra, "reason": work.stop_reason.value})
+        except OSError as exc:  # a full disk, a missing file: this machine's fault, not the request's
+            work.answer = Failure.of(InfrastructureFault.of_os_error(exc, f"job {offer.job_id}"))
+            log.warning("job failed on this agent", extra={**extra, "error": str(exc)})
+        except Exception as exc:  # a bug must end the job with an answer, never hang it
             log.exception("job crashed", extra=extra)
-            answer = Failed(job_id=offer.job_id, attempt=offer.attempt,
-                            failure=Failure.of(ExecutionError(f"the agent failed: {type(exc).__name__}: {exc}")))
-        outbox.put_nowait(answer.model_dump_json())
-        outbox.put_nowait(Pull(slots=1).model_dump_json())
+            work.answer = Failure.of(ExecutionError(f"the agent failed: {type(exc).__name__}: {exc}"))
+        self._answers.set()
+        if self._session is not None and not self.draining:  # its slot is free (a later connection counts it anew)
+            self._session.send(Pull(slots=1))
+
+    async def _execute(self, work: Work) -> RunResult:
+        offer = work.offer
+        runner = self._route(offer.capability)
+
+        def progress(p: JobProgress) -> None:
+            if self._session is not None:
+                self._session.send(Progress(job_id=offer.job_id, attempt=offer.attempt, step=p.step, total=p.total,
+                                            node=p.node))
+
+        with tempfile.TemporaryDirectory(prefix=f"gpugate-inputs-{offer.job_id}-") as folder:
+            params: dict[str, Any] = dict(offer.params)
+            for name, file in offer.inputs.items():
+                params[name] = await self._fetch(name, file, Path(folder))
+            return await runner.run(offer.capability, f"{offer.job_id}-{offer.attempt}", params, progress)
+
+    def _route(self, capability: str) -> Runner:
+        self._capabilities()  # learn what is offered now
+        runner = self._routes.get(capability)
+        if runner is None:
+            raise InvalidRequest(FieldError("capability", f"this agent cannot run {capability}"))
+        return runner
+
+    async def _fetch(self, name: str, file: str, folder: Path) -> Path:
+        """An input on local disk, from the router's store; a dropped connection is waited out."""
+        for attempt in range(1, FETCH_TRIES + 1):
+            session = await self._wait_session()
+            try:
+                return await session.files.fetch(file, folder)
+            except aiohttp.ClientResponseError as exc:
+                if exc.status == 404:
+                    raise InfrastructureFault(f"input {name} is missing from the router's file store") from None
+                raise WorkerLost(f"fetching input {name} failed: HTTP {exc.status}") from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if attempt == FETCH_TRIES:
+                    raise WorkerLost(f"fetching input {name} from the router failed: {exc}") from None
+                await asyncio.sleep(RECONNECT_MIN_S * attempt)
+        raise AssertionError("unreachable")
+
+    async def _wait_session(self) -> _Session:
+        while self._session is None:
+            await self.connected.wait()
+        return self._session
+
+    # ---- answers -----------------------------------------------------------------------------------
+
+    async def _deliver(self, session: _Session) -> None:
+        """Send every answer not yet sent on this session (their files stored first); resent on the
+        next session until acknowledged."""
+        sent: set[tuple[int, int]] = set()  # (job, attempt)
+        while True:
+            await self._answers.wait()
+            self._answers.clear()
+            for work in [w for w in self.work.values() if w.answer is not None and _attempt(w) not in sent]:
+                if work.session != session.id:
+                    continue  # its lease is another session's (or was not resumed): not ours to answer
+                session.send(await self._answer(work, session))
+                sent.add(_attempt(work))
+
+    async def _answer(self, work: Work, session: _Session) -> Done | Failed:
+        offer, answer = work.offer, work.answer
+        if isinstance(answer, Failure):
+            return Failed(job_id=offer.job_id, attempt=offer.attempt, failure=answer)
+        assert answer is not None
+        if work.stored is None:
+            try:
+                work.stored = [await session.files.store_output(f) for f in answer.files]
+            except OSError as exc:  # the shared store's disk is full, say
+                work.answer = Failure.of(InfrastructureFault.of_os_error(exc, "storing the outputs"))
+                return Failed(job_id=offer.job_id, attempt=offer.attempt, failure=work.answer)
+            except aiohttp.ClientResponseError as exc:  # the router could not take them (its disk is full, say)
+                work.answer = Failure.of(InfrastructureFault(f"the router refused the outputs: HTTP {exc.status}"))
+                return Failed(job_id=offer.job_id, attempt=offer.attempt, failure=work.answer)
+        return Done(job_id=offer.job_id, attempt=offer.attempt, artifacts=work.stored, texts=answer.texts,
+                    details=answer.details)
+
+    # ---- what this agent offers -------------------------------------------------------------------
 
     async def _hello(self) -> Hello:
-        cpu_only, devices = report_devices(self.settings)
-        return Hello(name=self.name, cpu_only=cpu_only, devices=devices, models=await self._models(),
-                     capabilities=[c for r in self._runners for c in r.capabilities()],
-                     concurrency=self.settings.agent.concurrency)
+        cpu_only, devices = await asyncio.to_thread(report_devices, self.settings)
+        return Hello(name=self.name, instance=self.instance, cpu_only=cpu_only, devices=devices,
+                     models=await self._models(), capabilities=self._capabilities(),
+                     concurrency=self.settings.agent.concurrency, held=[w.held for w in self.work.values()])
+
+    def _capabilities(self) -> list[Capability]:
+        offered = []
+        for runner in self._runners:
+            for capability in runner.capabilities():
+                self._routes[capability.name] = runner
+                offered.append(capability)
+        return offered
 
     async def _models(self) -> list[Model]:
-        return [m for runner in self._runners for m in await runner.models()]
-
-    async def _heartbeats(self, outbox: asyncio.Queue[str]) -> None:
-        last_models = await self._models()
-        while True:
-            await asyncio.sleep(self.settings.agent.heartbeat_s)
-            models = await self._models()
-            _, devices = report_devices(self.settings)
-            beat = Heartbeat(devices=devices, loaded=[m for r in self._runners for m in r.loaded()],
-                             models=models if models != last_models else None)
-            last_models = models
-            outbox.put_nowait(beat.model_dump_json())
-            await asyncio.to_thread(self._mark_alive)
+        models = []
+        for runner in self._runners:
+            try:
+                models += await runner.models()
+            except Exception:  # one runner's trouble must not silence the heartbeat
+                log.exception("listing models failed", extra={"runner": type(runner).__name__})
+        return models
 
     def _mark_alive(self) -> None:
         """What `gpugate health --agent` (the container's HEALTHCHECK) reads: connected as of now."""
@@ -177,3 +412,7 @@ class RouterLink:
         part = path.with_suffix(".part")
         part.write_text(json.dumps({"router": self.url, "time": time.time()}))
         part.replace(path)  # the health check never reads half a file
+
+
+def _attempt(work: Work) -> tuple[int, int]:
+    return work.offer.job_id, work.offer.attempt

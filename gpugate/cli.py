@@ -120,7 +120,7 @@ def _router(settings: Settings, args: argparse.Namespace) -> None:
 def _up(settings: Settings, args: argparse.Namespace) -> None:
     from router.main import up
 
-    asyncio.run(up(settings))
+    asyncio.run(up(settings, args.config, args.log_level))
 
 
 def _keys_create(settings: Settings, args: argparse.Namespace) -> None:
@@ -229,16 +229,17 @@ def _models_pull(settings: Settings, args: argparse.Namespace) -> int:
 
 def _job_history(settings: Settings) -> Any:
     from router.archive import JobArchive
+    from router.lookup import JobFinder
     from router.store.sqlite import SqliteStore
 
-    return SqliteStore(settings.router_db), JobArchive(settings.archive_dir)
+    store = SqliteStore(settings.router_db)
+    return store, JobFinder({}, store, JobArchive(settings.archive_dir))
 
 
 def _jobs_list(settings: Settings, args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from router.api.jobs import JobFilter
-    from router.archive import find_everywhere
 
     asked = {"refId": args.ref_id, "tag": args.tag, "keyId": args.key_id, "state": args.state, "since": args.since,
              "until": args.until, "limit": args.limit}
@@ -248,9 +249,9 @@ def _jobs_list(settings: Settings, args: argparse.Namespace) -> int:
         for error in exc.errors():
             print(f"error: --{'-'.join(str(p) for p in error['loc'])}: {error['msg']}", file=sys.stderr)
         return 2
-    store, archive = _job_history(settings)
+    store, finder = _job_history(settings)
     try:
-        for job in find_everywhere(store, archive, query):
+        for job in finder.find(query):
             took = f"{job.finished - job.created:8.2f}s" if job.finished else " " * 9
             error = (job.error or {}).get("message", "")
             print(f"{job.id:6} {job.state:9} {job.api:18} {_when(job.created)} {took} ref={job.ref_id or '-'} "
@@ -270,11 +271,10 @@ def _jobs_show(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     from router.api.responses import JobSummary
-    from router.archive import get_anywhere
 
-    store, archive = _job_history(settings)
+    store, finder = _job_history(settings)
     try:
-        job = get_anywhere(store, archive, args.id)
+        job = finder.get(args.id)
     finally:
         store.close()
     if job is None:

@@ -8,6 +8,7 @@ into this tree once, at their boundary.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -41,7 +42,10 @@ class FailureKind(StrEnum):
     EXECUTION = "execution_error"  # a step raised; the message names the node
     INTERRUPTED = "interrupted"  # stopped on purpose (cancel)
     WORKER_LOST = "worker_lost"  # the engine or agent died under the job: retry elsewhere
+    INFRASTRUCTURE = "infrastructure"  # a fault of the machine (disk full, a file lost, a tool missing): retry elsewhere
     TIMEOUT = "timeout"  # ran past its time limit
+    SHUTDOWN = "shutdown"  # handed back by an agent that is shutting down: queued again, no attempt used
+    UNSCHEDULABLE = "unschedulable"  # no connected agent could take it for too long
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,27 @@ class Interrupted(JobFailed):
 
 class WorkerLost(JobFailed):
     kind = FailureKind.WORKER_LOST
+
+
+class InfrastructureFault(JobFailed):
+    """The machine failed the job, not the request: a full disk, a lost file, a missing tool."""
+
+    kind = FailureKind.INFRASTRUCTURE
+
+    @classmethod
+    def of_os_error(cls, exc: OSError, doing: str) -> InfrastructureFault:
+        """An operating-system error met while ``doing`` something, in words an operator can act on."""
+        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+               errno.ENOENT: "a file is missing", errno.EACCES: "permission denied", errno.EIO: "an I/O error",
+               errno.EROFS: "the file system is read-only"}.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+        where = f" ({exc.filename})" if exc.filename else ""
+        return cls(f"{doing} failed on this agent: {why}{where}")
+
+
+class ShutDown(JobFailed):
+    """The agent is stopping and hands the job back unfinished; the router queues it again."""
+
+    kind = FailureKind.SHUTDOWN
 
 
 class JobTimeout(JobFailed):

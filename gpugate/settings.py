@@ -79,6 +79,11 @@ class Comfy(_Section):
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0
     job_timeout_s: float = 3600.0  # per job; long jobs are normal on big models
+    request_timeout_s: float = 120.0  # per HTTP call to ComfyUI (a read that stalls this long has failed)
+    # ComfyUI must answer /system_stats within this long, asked every liveness_every_s; a ComfyUI that
+    # does not (wedged, stopped) is killed and restarted, and its job retried
+    liveness_timeout_s: float = 60.0
+    liveness_every_s: float = 10.0
     # In attach mode the agent cannot see ComfyUI's folders unless told; with them it deletes
     # uploaded inputs and fetched outputs after each job as it does for its own ComfyUI.
     attach_input_dir: Path | None = None
@@ -120,9 +125,21 @@ class Router(_Section):
     public_base_url: str | None = None  # where clients fetch /artifacts (a CDN); default: the router's own URL
     agent_token: str | None = None  # agents must present it; `gpugate up` makes one
     sync_timeout_s: float = 60.0  # a sync call waits this long, then answers with the job reference
-    max_attempts: int = 3  # per job, counting retries after infrastructure failures
-    heartbeat_timeout_s: float = 15.0  # an agent silent this long is lost; its jobs are queued again
-    max_upload_mb: float = 50.0
+    max_attempts: int = 3  # per job: failed attempts (agent lost, disk full, out of memory) before it fails
+    heartbeat_timeout_s: float = 15.0  # an agent silent this long is disconnected
+    # a running job's agent that disconnected (or the router restarted) has this long to come back
+    # and keep the job; then the job is queued again
+    lease_grace_s: float = 20.0
+    unplaceable_timeout_s: float = 3600.0  # a job no connected agent can take fails after this long (0: never)
+    agent_failure_limit: int = 3  # infrastructure failures in a row that pause an agent...
+    agent_pause_s: float = 60.0  # ...for this long (doubling while it keeps failing, up to an hour)
+    max_upload_mb: float = 50.0  # per file
+    max_request_mb: float | None = None  # per request, all parts together (default: two files and 1 MB)
+    max_parts: int = 32  # per multipart request
+    retention_days: float = 30.0  # a job's files are deleted this long after it finished (0: kept for good)
+    retention_every_s: float = 3600.0
+    orphan_grace_s: float = 3600.0  # files no job owns are deleted once this old
+    min_free_disk_mb: float = 1024.0  # below this much free space in the file store, uploads get 507 (0: off)
     catalog: Path = Path("models/catalog.toml")  # model names -> files
     echo_api: bool = False  # /api/Echo, a no-op job for benchmarks
     # ReplyTo callbacks: signed with the key's webhook secret, else this one (default: made in data/webhook_secret)
@@ -135,6 +152,10 @@ class Router(_Section):
     callback_allow_networks: tuple[str, ...] = ()
     archive_after_s: float = 3600.0  # finished jobs move to data/archive/YYYY-MM.db after this long
     archive_every_s: float = 60.0
+
+    @property
+    def request_limit_mb(self) -> float:
+        return self.max_request_mb if self.max_request_mb is not None else 2 * self.max_upload_mb + 1
 
     @property
     def local_url(self) -> str:
@@ -164,6 +185,7 @@ class Agent(_Section):
     token: str | None = None  # the router's agent_token
     concurrency: int = 1  # jobs at once; ComfyUI itself runs one prompt at a time
     heartbeat_s: float = 3.0
+    shutdown_grace_s: float = 60.0  # on SIGTERM, running jobs get this long to finish; the rest are handed back
     gpus: tuple[GpuOverride, ...] | None = None  # report these instead of what NVML sees
     # On a host with several GPUs: one worker per GPU (its own ComfyUI pinned with CUDA_VISIBLE_DEVICES,
     # its own link named <name>-gpu<index>, reporting only that GPU), so the router places jobs per GPU.

@@ -1,21 +1,31 @@
 """The protocol between agents and the router: JSON messages over one websocket per agent.
 
-Versioned (``WIRE_VERSION``, sent in ``hello``); typed with pydantic so each side validates what it
-receives in one place. Agent -> router: hello, heartbeat, pull (free slots), progress, done,
-failed. Router -> agent: welcome, job, stop (a cancelled job). Files travel over HTTP under the router's names,
+Versioned: ``hello`` and ``welcome`` carry ``WIRE_VERSION``, and each side refuses a peer of another
+version (``version_of`` reads it before anything else is validated, so the refusal names both
+versions). Typed with pydantic so each side validates what it receives in one place.
+
+Agent -> router: hello, heartbeat, pull (free slots), progress, done, failed, leaving.
+Router -> agent: welcome (or refused), job, stop (a cancelled job), ack (an answer was recorded).
+
+Who runs a job is a lease: the job's attempt, held by one agent *session* (one per connection,
+named in the welcome). An agent that reconnects lists the jobs it still holds (``Hello.held``:
+running, or answered but not yet acknowledged); the router moves each lease that still stands to
+the new session (``Welcome.resumed``) and tells it which to forget (``Welcome.dropped``). Answers
+count only from the session holding the lease. Files travel over HTTP under the router's names,
 unless the agent sees the router's file store itself (same host, or a shared volume: ``Welcome.store``); then it
 reads its inputs and writes its outputs there directly (layout: gpugate/filestore.py).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from .errors import FailureKind, JobFailed
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 class _Message(BaseModel):
@@ -70,15 +80,25 @@ class Failure(_Message):
 # ---- agent -> router ------------------------------------------------------------------------------
 
 
+class HeldJob(_Message):
+    """A job an agent holds: attempt ``attempt``, leased to its session ``session``."""
+
+    job_id: int
+    attempt: int
+    session: str
+
+
 class Hello(_Message):
     type: Literal["hello"] = "hello"
     version: int = WIRE_VERSION
     name: str
+    instance: str  # new each time the agent process starts: tells a reconnect from a second agent
     cpu_only: bool
     devices: list[Device]
     models: list[Model]
     capabilities: list[Capability]
     concurrency: int
+    held: list[HeldJob] = Field(default_factory=list)
 
 
 class Heartbeat(_Message):
@@ -86,6 +106,7 @@ class Heartbeat(_Message):
     devices: list[Device]
     loaded: list[str] = Field(default_factory=list)  # model files in memory now
     models: list[Model] | None = None  # sent when the inventory changed
+    capabilities: list[Capability] | None = None  # sent when they changed (ComfyUI down or back)
 
 
 class Pull(_Message):
@@ -120,7 +141,14 @@ class Failed(_Message):
     failure: Failure
 
 
-AgentMessage = Annotated[Hello | Heartbeat | Pull | Progress | Done | Failed, Field(discriminator="type")]
+class Leaving(_Message):
+    """The agent is shutting down: offer it nothing more. Its running jobs still answer (or come
+    back as ``shutdown`` failures, which use no attempt)."""
+
+    type: Literal["leaving"] = "leaving"
+
+
+AgentMessage = Annotated[Hello | Heartbeat | Pull | Progress | Done | Failed | Leaving, Field(discriminator="type")]
 agent_message = TypeAdapter(AgentMessage)
 
 
@@ -139,7 +167,17 @@ class SharedStore(_Message):
 class Welcome(_Message):
     type: Literal["welcome"] = "welcome"
     version: int = WIRE_VERSION
+    session: str  # this connection's session: the leases of the jobs it is sent are held by it
     store: SharedStore | None = None
+    resumed: list[int] = Field(default_factory=list)  # held jobs whose leases moved to this session
+    dropped: list[int] = Field(default_factory=list)  # held jobs to forget: finished, cancelled or given to another
+
+
+class Refused(_Message):
+    """The router will not take this connection; ``reason`` says why (sent before it closes)."""
+
+    type: Literal["refused"] = "refused"
+    reason: str
 
 
 class JobOffer(_Message):
@@ -161,5 +199,24 @@ class StopJob(_Message):
     attempt: int
 
 
-RouterMessage = Annotated[Welcome | JobOffer | StopJob, Field(discriminator="type")]
+class Ack(_Message):
+    """The router recorded the agent's answer for this attempt (or found it stale): forget the job."""
+
+    type: Literal["ack"] = "ack"
+    job_id: int
+    attempt: int
+
+
+RouterMessage = Annotated[Welcome | Refused | JobOffer | StopJob | Ack, Field(discriminator="type")]
 router_message = TypeAdapter(RouterMessage)
+
+
+def version_of(raw: str | bytes) -> int | None:
+    """The ``version`` a hello or welcome claims, read before the rest is validated (a peer of
+    another version may send fields this one does not know); None if there is none."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    version = data.get("version") if isinstance(data, dict) else None
+    return version if isinstance(version, int) else None

@@ -1,8 +1,11 @@
 """The router's aiohttp application: routes, middlewares, and the lifetime of its parts.
 
-Open (in order): the store, the queue (recovering unfinished jobs) and its tasks: the dispatcher,
-the agent watchdog, the callback sender and the archiver. Close in reverse: stop the tasks, close
-agent connections, close the store.
+Open (in order): the store, then the job machinery (queue, dispatcher, outcomes, sessions,
+retention, callbacks), the queue recovering unfinished jobs, and its background tasks, each
+supervised (restarted with backoff if it ever dies). On shutdown: first every waiting sync call
+answers with its job's reference and agents' sockets close (their jobs keep running and come back
+to the next router), then the tasks stop in reverse order, the router's own worker finishes its
+jobs, and the store closes.
 """
 
 from __future__ import annotations
@@ -11,96 +14,134 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from gpugate.catalog import Catalog
 from gpugate.settings import Settings
 
-from .agents import AgentRegistry
 from .api import admin, jobs, openapi, pages, public
 from .api import agents as agent_api
-from .api.requests import APIS
-from .archive import JobArchive, keep_archiving
 from .api.auth import auth_middleware
 from .api.errors import error_middleware
+from .api.requests import APIS
+from .archive import JobArchive, bring_up_to_date, keep_archiving
 from .artifacts import ArtifactStore
 from .callbacks import CallbackSender
-from gpugate.catalog import Catalog
+from .dispatch import Dispatcher
+from .events import JobEvents
 from .keys import new_webhook_secret, read_or_make
 from .local import local_worker
+from .lookup import JobFinder
 from .metrics import Metrics
+from .outcomes import Outcomes
 from .queue import JobQueue
-from .state import AGENTS, ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, METRICS, QUEUE, SETTINGS, STORE
+from .retention import Retention
+from .sessions import SessionRegistry
+from .state import (
+    ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, DISPATCHER, FINDER, METRICS, OUTCOMES, QUEUE, RETENTION, SESSIONS, SETTINGS,
+    STORE,
+)
 from .store import Store
 from .store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
+RESTART_MIN_S, RESTART_MAX_S = 1.0, 60.0
 
 
 def create_app(settings: Settings, store: Store | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware],
-                          client_max_size=int(settings.router.max_upload_mb * 2**20) * 3)
+                          client_max_size=int(settings.router.request_limit_mb * 2**20))
     app[SETTINGS] = settings
     app[CATALOG] = Catalog.load(settings.router.catalog)
     app[ARTIFACTS] = ArtifactStore(settings.artifacts_dir)
-    app[AGENTS] = AgentRegistry()
+    app[SESSIONS] = SessionRegistry(settings.router.agent_failure_limit, settings.router.agent_pause_s)
     app[ARCHIVE] = JobArchive(settings.archive_dir)
     app[METRICS] = Metrics()
     app.add_routes([web.get("/health", health), *public.routes(settings.router.echo_api), *jobs.routes(),
                     *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
     app.cleanup_ctx.append(_store(store))
-    app.cleanup_ctx.append(_queue)
+    app.cleanup_ctx.append(_jobs)
+    app.on_shutdown.append(_stop_waiting)
     return app
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "agents": len(request.app[AGENTS].remote())})
+    problem = request.app[RETENTION].disk_problem()
+    return web.json_response({"status": "ok", "agents": len(request.app[SESSIONS].remote()), "problems": [problem] if problem else []})
 
 
 def _store(given: Store | None):  # noqa: ANN202 - a cleanup context
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = given or SqliteStore(app[SETTINGS].router_db)
+        await bring_up_to_date(app[STORE], app[ARCHIVE])
         yield
         app[STORE].close()
 
     return ctx
 
 
-async def _queue(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+async def _jobs(app: web.Application) -> AsyncIterator[None]:
+    settings, store = app[SETTINGS], app[STORE]
     secret = settings.router.webhook_secret or read_or_make(settings.paths.data_dir / "webhook_secret", new_webhook_secret)
-    callbacks = app[CALLBACKS] = CallbackSender(app[STORE], settings.router, secret,
+    callbacks = app[CALLBACKS] = CallbackSender(store, settings.router, secret,
                                                 lambda api: APIS[api].field_names if api in APIS else {})
-    queue = app[QUEUE] = JobQueue(app[STORE], app[AGENTS], app[ARCHIVE], callbacks.delivery_for,
-                                  app[METRICS].job_finished)
-    queue.recover()
-    tasks = [asyncio.create_task(queue.run(), name="dispatcher"),
-             asyncio.create_task(_watchdog(app), name="agent-watchdog"),
-             asyncio.create_task(callbacks.run(), name="callbacks"),
-             asyncio.create_task(keep_archiving(app[STORE], app[ARCHIVE], settings.router.archive_after_s,
-                                                settings.router.archive_every_s), name="archiver")]
-    for task in tasks:
-        task.add_done_callback(_crash_if_failed)
-    async with local_worker(app[AGENTS], queue, app[ARTIFACTS]):
+    queue = app[QUEUE] = JobQueue(store, JobEvents(), callbacks.delivery_for, app[METRICS].job_finished)
+    dispatcher = app[DISPATCHER] = Dispatcher(queue, app[SESSIONS], settings.router.unplaceable_timeout_s)
+    queue.on_change = dispatcher.wake
+    app[FINDER] = JobFinder(queue.live, store, app[ARCHIVE])
+    retention = app[RETENTION] = Retention(store, app[ARTIFACTS], settings.router)
+    outcomes = app[OUTCOMES] = Outcomes(queue, app[SESSIONS], retention, settings.router.lease_grace_s)
+    queue.recover(time.time(), settings.router.lease_grace_s)
+    tasks = [_supervised("dispatcher", dispatcher.run),
+             _supervised("agent-watchdog", lambda: _watchdog(app)),
+             _supervised("callbacks", callbacks.run),
+             _supervised("archiver", lambda: keep_archiving(store, app[ARCHIVE], settings.router.archive_after_s,
+                                                            settings.router.archive_every_s)),
+             _supervised("retention", retention.run)]
+    async with local_worker(app[SESSIONS], outcomes, dispatcher, app[ARTIFACTS]):
         yield
-    for task in tasks:
+    for task in reversed(tasks):
         task.cancel()
-    for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
 
+async def _stop_waiting(app: web.Application) -> None:
+    """First thing on shutdown: sync calls answer with their job's reference, agents' sockets close."""
+    app[QUEUE].events.close()
+    await agent_api.close_all(app)
+
+
 async def _watchdog(app: web.Application) -> None:
-    """An agent silent past the heartbeat timeout is lost (a half-open connection): its jobs go back."""
+    """Sessions silent past the heartbeat timeout are closed (a half-open connection); leases whose
+    agents did not come back in time are given up."""
     timeout = app[SETTINGS].router.heartbeat_timeout_s
+    every = min(timeout / 3, 1.0)
     while True:
-        await asyncio.sleep(timeout / 3)
-        for agent in app[AGENTS].silent_since(time.monotonic() - timeout):
-            log.warning("agent silent, closing its connection", extra={"agent": agent.name})
-            await agent.disconnect()  # its socket handler then requeues what it held
+        await asyncio.sleep(every)
+        for session in app[SESSIONS].silent_since(time.monotonic() - timeout):
+            log.warning("agent silent, closing its connection", extra={"agent": session.name})
+            await session.disconnect()  # its socket handler then starts its leases' clock
+        app[OUTCOMES].expire_leases(time.time())
 
 
-def _crash_if_failed(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("router task died", extra={"task": task.get_name()}, exc_info=task.exception())
+def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+    """A background task that is restarted (with backoff) if it ever ends by an error."""
+
+    async def supervise() -> None:
+        delay = RESTART_MIN_S
+        while True:
+            started = time.monotonic()
+            try:
+                await run()
+                return
+            except Exception:
+                log.critical("router task died; restarting it", extra={"task": name, "in_s": delay}, exc_info=True)
+            if time.monotonic() - started > RESTART_MAX_S:
+                delay = RESTART_MIN_S
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX_S)
+
+    return asyncio.create_task(supervise(), name=name)

@@ -23,7 +23,7 @@ from .store.sqlite import ADDED_JOB_COLUMNS, JOB_COLUMNS, JOBS_TABLE, add_missin
 log = logging.getLogger(__name__)
 BATCH = 500
 INDEXES = """
-CREATE INDEX IF NOT EXISTS jobs_ref ON jobs (key_id, ref_id);
+CREATE INDEX IF NOT EXISTS jobs_ref_id ON jobs (ref_id, key_id);
 CREATE INDEX IF NOT EXISTS jobs_tag ON jobs (tag);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 """
@@ -71,14 +71,10 @@ class JobArchive:
                     return job
         return None
 
-    def get_by_ref(self, key_id: int | None, ref_id: str) -> Job | None:
-        for path in self.files():
-            with self._open(path) as db:
-                row = db.execute("SELECT * FROM jobs WHERE coalesce(key_id, 0) = ? AND ref_id = ? ORDER BY id DESC",
-                                 (key_id or 0, ref_id)).fetchone()
-                if (job := job_of(row)) is not None:
-                    return job
-        return None
+    def month(self, path: Path) -> list[Job]:
+        """Every job in one monthly file."""
+        with self._open(path) as db:
+            return [j for j in map(job_of, db.execute("SELECT * FROM jobs")) if j is not None]
 
     @staticmethod
     @contextlib.contextmanager
@@ -87,11 +83,22 @@ class JobArchive:
         db.row_factory = sqlite3.Row
         try:
             if create:
-                db.executescript(JOBS_TABLE + INDEXES)
                 add_missing_columns(db, {"jobs": ADDED_JOB_COLUMNS})
+                db.executescript(JOBS_TABLE + INDEXES)
             yield db
         finally:
             db.close()
+
+
+async def bring_up_to_date(store: Store, archive: JobArchive) -> None:
+    """Once, for a store made by an earlier version: record the refIds and files of archived jobs
+    in the live store, so refIds stay unique and retention finds the files (in a worker thread)."""
+    if not store.needs_backfill():
+        return
+    for path in archive.files():
+        store.backfill(await asyncio.to_thread(archive.month, path))
+    store.mark_current()
+    log.info("store brought up to date")
 
 
 async def archive_finished(store: Store, archive: JobArchive, older_than_s: float) -> int:
@@ -115,14 +122,3 @@ async def keep_archiving(store: Store, archive: JobArchive, older_than_s: float,
             log.exception("archiving failed; retrying")
         await asyncio.sleep(every_s)
 
-
-def find_everywhere(store: Store, archive: JobArchive, query: JobQuery) -> list[Job]:
-    """Jobs matching ``query`` in the live store and the archive, newest first."""
-    found = {j.id: j for j in store.find_jobs(query)}
-    if len(found) < query.limit:
-        found |= {j.id: j for j in archive.find(query) if j.id not in found}
-    return sorted(found.values(), key=lambda j: -j.id)[:query.limit]
-
-
-def get_anywhere(store: Store, archive: JobArchive, job_id: int) -> Job | None:
-    return store.get_job(job_id) or archive.get(job_id)

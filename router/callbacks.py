@@ -10,7 +10,10 @@
 - Failed attempts are retried with exponential backoff until ``callback_give_up_s`` after the job
   finished. A dead or slow receiver only delays its own deliveries (a timeout per attempt).
 - A replyTo on a loopback, private, link-local or otherwise non-public address is refused, at
-  submission and again before each attempt (DNS can change), unless an allowed network holds it.
+  submission and again at each attempt, unless an allowed network holds it. At each attempt the
+  host is resolved once, inside the attempt's timeout, and the connection goes to the addresses
+  that passed the check (``CheckedResolver``): a DNS answer that changes between a check and the
+  connection (rebinding) cannot steer a callback to an internal address.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from gpugate.settings import Router as RouterSettings
 
@@ -38,6 +43,7 @@ from .store import Delivery, Job, Store
 
 log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 64  # deliveries attempted at once
+LOOKUP_TIMEOUT_S = 5.0  # resolving a replyTo host at submission
 LEASE_MARGIN_S = 5.0
 RETRY_PASS_S = 1.0
 PRUNE_EVERY_S = 3600.0
@@ -70,32 +76,71 @@ def address_problem(addresses: Iterable[IpAddress], allowed: Iterable[str]) -> s
     return None
 
 
-async def reply_to_problem(url: str, allowed: Iterable[str]) -> str | None:
-    """Why ``url`` cannot receive callbacks (bad URL, unresolvable host, non-public address), or None."""
+def url_problem(url: str, allowed: Iterable[str]) -> str | None:
+    """What is wrong with ``url`` that needs no lookup: not http(s), or a literal non-public address."""
     try:
         parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
         return "is not a valid URL"
     if parts.scheme not in ("http", "https") or not host:
         return "must be an http:// or https:// URL"
     try:
-        addresses: list[IpAddress] = [ipaddress.ip_address(host)]
+        address = ipaddress.ip_address(host)
     except ValueError:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError, ValueError):
-            return f"host {host!r} does not resolve"
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    return address_problem(addresses, allowed)
+        return None
+    return address_problem([address], allowed)
+
+
+async def reply_to_problem(url: str, allowed: Iterable[str]) -> str | None:
+    """Why ``url`` cannot receive callbacks (bad URL, unresolvable host, non-public address), or None."""
+    if problem := url_problem(url, allowed):
+        return problem
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+        return None  # a literal address, checked above
+    except ValueError:
+        pass
+    try:
+        async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError, TimeoutError):
+        return f"host {host!r} does not resolve"
+    return address_problem([ipaddress.ip_address(info[4][0]) for info in infos], allowed)
+
+
+class RefusedAddress(OSError):
+    """A callback's host resolved to an address it may not be sent to."""
+
+
+class CheckedResolver(AbstractResolver):
+    """aiohttp's resolver for callbacks: one lookup per connection, and only addresses that pass
+    ``address_problem`` are handed on, so the socket connects to what was checked."""
+
+    def __init__(self, allowed: Iterable[str], inner: AbstractResolver | None = None) -> None:
+        self.allowed = tuple(allowed)
+        self.inner = inner or DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self.inner.resolve(host, port, family)
+        if problem := address_problem([ipaddress.ip_address(r["host"]) for r in found], self.allowed):
+            raise RefusedAddress(problem)
+        return found
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 class CallbackSender:
     """Makes a finished job's delivery (for the queue) and drains the outbox (a task of its own)."""
 
     def __init__(self, store: Store, settings: RouterSettings, server_secret: str,
-                 field_names: Callable[[str], dict[str, str]]) -> None:
+                 field_names: Callable[[str], dict[str, str]], resolver: AbstractResolver | None = None) -> None:
         self.store, self.settings, self.server_secret = store, settings, server_secret
+        self._resolver = resolver  # where callback hosts are looked up (tests give their own)
         self._field_names = field_names
         self.base_url = (settings.public_base_url or settings.local_url).rstrip("/")  # for jobs without their own
         self.outcomes = {"delivered": 0, "retried": 0, "failed": 0}  # since start, for /metrics
@@ -117,8 +162,11 @@ class CallbackSender:
         """Start an attempt for each delivery as it falls due, each on its own (a slow or dead
         receiver delays only its own deliveries), and sleep until the next is due or a job finishes.
         A failing pass (the store busy, say) is logged and tried again; it is all in the outbox."""
-        timeout = aiohttp.ClientTimeout(total=self.settings.callback_timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": "gpugate-callbacks"}) as http:
+        timeout = aiohttp.ClientTimeout(total=self.settings.callback_timeout_s)  # the lookup included
+        connector = aiohttp.TCPConnector(resolver=CheckedResolver(self.settings.callback_allow_networks, self._resolver),
+                                         use_dns_cache=False)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                         headers={"User-Agent": "gpugate-callbacks"}) as http:
             try:
                 while True:
                     try:
@@ -159,16 +207,17 @@ class CallbackSender:
     async def _attempt(self, http: aiohttp.ClientSession, delivery: Delivery) -> None:
         extra = {"job": delivery.job_id, "url": delivery.url, "attempt": delivery.attempts}
         try:
-            error = await reply_to_problem(delivery.url, self.settings.callback_allow_networks)
+            error = url_problem(delivery.url, self.settings.callback_allow_networks)
+            refused = error is not None
             if error is None:
-                error = await self._post(http, delivery)
+                error, refused = await self._post(http, delivery)
             if error is None:
                 delivery.state, delivery.last_error = "delivered", None
                 log.info("callback delivered", extra=extra)
             else:
                 delivery.last_error = error
                 next_at = next_attempt_at(delivery, time.time(), self.settings)
-                if next_at is None or error.startswith("points at"):
+                if next_at is None or refused:
                     delivery.state = "failed"
                     log.warning("callback given up", extra={**extra, "error": error})
                 else:
@@ -180,8 +229,9 @@ class CallbackSender:
         except Exception:  # the lease runs out and the delivery is tried again
             log.exception("callback attempt failed", extra=extra)
 
-    async def _post(self, http: aiohttp.ClientSession, delivery: Delivery) -> str | None:
-        """One signed POST; None on a 2xx answer, else what went wrong."""
+    async def _post(self, http: aiohttp.ClientSession, delivery: Delivery) -> tuple[str | None, bool]:
+        """One signed POST: (None, False) on a 2xx answer, else what went wrong and whether the
+        address was refused (then retrying is pointless)."""
         key = self.store.get_key(delivery.key_id) if delivery.key_id is not None else None
         secret = key.webhook_secret if key is not None and key.webhook_secret else self.server_secret
         body = delivery.body.encode()
@@ -190,6 +240,10 @@ class CallbackSender:
                    "webhook-timestamp": str(timestamp), "webhook-signature": sign(secret, delivery.webhook_id, timestamp, body)}
         try:
             async with http.post(delivery.url, data=body, headers=headers, allow_redirects=False) as r:
-                return None if 200 <= r.status < 300 else f"answered HTTP {r.status}"
+                return (None if 200 <= r.status < 300 else f"answered HTTP {r.status}"), False
+        except aiohttp.ClientConnectorDNSError as exc:
+            if isinstance(exc.os_error, RefusedAddress):
+                return str(exc.os_error), True
+            return f"host does not resolve: {exc.os_error}", False
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), False

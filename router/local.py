@@ -10,69 +10,80 @@ import logging
 import math
 from collections.abc import AsyncIterator
 
-from gpugate.errors import JobFailed
-from gpugate.wire import Artifact, Capability, Device, Done, Failed, Failure, Hello, JobOffer, StopJob
+from gpugate.errors import FailureKind, InfrastructureFault, JobFailed
+from gpugate.wire import Ack, Artifact, Capability, Device, Done, Failed, Failure, Hello, JobOffer, StopJob
 
-from .agents import LOCAL_WORKER, AgentRegistry, ConnectedAgent
 from .artifacts import ArtifactStore
+from .dispatch import Dispatcher
 from .images import TRANSFORMS
-from .queue import JobQueue
+from .outcomes import Outcomes
+from .sessions import LOCAL_WORKER, AgentSession, SessionRegistry
 
 log = logging.getLogger(__name__)
 CONCURRENCY = 2
 
 
 @contextlib.asynccontextmanager
-async def local_worker(agents: AgentRegistry, queue: JobQueue, artifacts: ArtifactStore) -> AsyncIterator[None]:
+async def local_worker(sessions: SessionRegistry, outcomes: Outcomes, dispatcher: Dispatcher,
+                       artifacts: ArtifactStore) -> AsyncIterator[None]:
     """Join the registry for the lifetime of the block; its running jobs are awaited on exit."""
     tasks: dict[int, asyncio.Task[None]] = {}
 
-    async def send(message: JobOffer | StopJob) -> None:
+    async def send(message: JobOffer | StopJob | Ack) -> None:
+        if isinstance(message, Ack):
+            return
         if isinstance(message, StopJob):  # cancelled: the queue has already ended the job
             if (running := tasks.get(message.job_id)) is not None:
                 running.cancel()
             return
-        task = asyncio.create_task(_run(me, message, queue, artifacts), name=f"local-job-{message.job_id}")
+        task = asyncio.create_task(_run(me, message, outcomes, dispatcher, artifacts), name=f"local-job-{message.job_id}")
         tasks[message.job_id] = task
         task.add_done_callback(lambda _: tasks.pop(message.job_id, None))
 
     async def disconnect() -> None:
         return None
 
-    hello = Hello(name=LOCAL_WORKER, cpu_only=True, devices=[Device(index=-1, name="router", vram_total=0, vram_free=0)],
-                  models=[], capabilities=[Capability(name=c, vram_base=0, vram_per_megapixel=0) for c in TRANSFORMS],
+    hello = Hello(name=LOCAL_WORKER, instance=LOCAL_WORKER, cpu_only=True,
+                  devices=[Device(index=-1, name="router", vram_total=0, vram_free=0)], models=[],
+                  capabilities=[Capability(name=c, vram_base=0, vram_per_megapixel=0) for c in TRANSFORMS],
                   concurrency=CONCURRENCY)
-    me = agents.join(hello, send, disconnect)
+    me, _ = sessions.join(hello, send, disconnect, local=True)
+    outcomes.resume(me, [])  # what the last router's own worker was running died with it: queued again
     me.slots = CONCURRENCY
     me.last_seen = math.inf  # in-process: never silent
     try:
         yield
     finally:
-        agents.leave(me)
+        me.draining = True
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+        sessions.leave(me)
 
 
-async def _run(me: ConnectedAgent, offer: JobOffer, queue: JobQueue, artifacts: ArtifactStore) -> None:
+async def _run(me: AgentSession, offer: JobOffer, outcomes: Outcomes, dispatcher: Dispatcher,
+               artifacts: ArtifactStore) -> None:
     try:
-        files = {}
-        for name, artifact in offer.inputs.items():
-            path = artifacts.path(artifact)
-            if path is None:
-                raise FileNotFoundError(f"input {name} is gone")
-            files[name] = await asyncio.to_thread(path.read_bytes)
-        data, ext = await asyncio.to_thread(TRANSFORMS[offer.capability], offer.params, files)
-        name = await artifacts.put(data, f".{ext}")
-        queue.on_done(me, Done(job_id=offer.job_id, attempt=offer.attempt,
-                               artifacts=[Artifact(name=name, file_name=f"{offer.capability}.{ext}",
-                                                   media_type=f"image/{ext}", size=len(data))]))
+        try:
+            files = {}
+            for name, artifact in offer.inputs.items():
+                path = artifacts.path(artifact)
+                if path is None:
+                    raise InfrastructureFault(f"input {name} is missing from the router's file store")
+                files[name] = await asyncio.to_thread(path.read_bytes)
+            data, ext = await asyncio.to_thread(TRANSFORMS[offer.capability], offer.params, files)
+            name = await artifacts.put(data, f".{ext}")
+        except OSError as exc:  # a full disk, say
+            raise InfrastructureFault.of_os_error(exc, "the image transform") from exc
+        await outcomes.done(me, Done(job_id=offer.job_id, attempt=offer.attempt,
+                                     artifacts=[Artifact(name=name, file_name=f"{offer.capability}.{ext}",
+                                                         media_type=f"image/{ext}", size=len(data))]))
     except JobFailed as exc:
-        queue.on_failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(exc)))
+        outcomes.failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(exc)))
     except asyncio.CancelledError:  # stopped: the job is over already; only the slot comes back
         pass
     except Exception as exc:  # a bug or a broken file must end the job, never hang it
         log.exception("local transform failed", extra={"job": offer.job_id})
-        queue.on_failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt,
-                                   failure=Failure(kind="execution_error", message=f"{type(exc).__name__}: {exc}")))
+        outcomes.failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure(
+            kind=FailureKind.EXECUTION, message=f"{type(exc).__name__}: {exc}")))
     finally:
         me.slots += 1
-        queue.wake()
+        dispatcher.wake()

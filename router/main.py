@@ -1,13 +1,20 @@
-"""The router process, and `gpugate up`: a router and a local agent in one process."""
+"""The router process, and `gpugate up`: a router, and a local agent as its supervised child."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
 import signal
+import sys
+import time
+from pathlib import Path
 
 from aiohttp import web
+
+from gpugate.children import die_with_parent
 
 from gpugate.settings import Settings
 
@@ -16,6 +23,8 @@ from .keys import authenticate, create_key, read_or_make
 from .store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
+AGENT_RESTART_MIN_S, AGENT_RESTART_MAX_S = 1.0, 60.0
+AGENT_STOP_MARGIN_S = 30.0  # beyond its shutdown grace period, before the local agent is killed
 
 
 def router_url(settings: Settings) -> str:
@@ -65,9 +74,11 @@ def local_secrets(settings: Settings) -> tuple[Settings, str]:
     return local, admin
 
 
-async def up(settings: Settings) -> None:
-    from agent.main import serve as serve_agent
-
+async def up(settings: Settings, config: Path | None = None, log_level: str = "INFO") -> None:
+    """A router, and a local agent joining it. The agent runs as a child process: whatever happens
+    to it (a crash, a kill by the OOM killer) the router stays up, and the agent is started again
+    with backoff. On SIGINT/SIGTERM the agent drains first (its jobs finish and answer), then the
+    router stops."""
     local, admin = local_secrets(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -76,9 +87,47 @@ async def up(settings: Settings) -> None:
     print(f"gpugate router: {router_url(local)}\nadmin key: {admin}\n"
           f"try: curl -H 'Authorization: Bearer {admin}' -H 'Content-Type: application/json' "
           f"-d '{{\"positivePrompt\": \"a lighthouse\"}}' {router_url(local)}/api/TextToImage", flush=True)
-    router = asyncio.create_task(serve(local, stop, handle_signals=False), name="router")
+    router_stop = asyncio.Event()
+    router = asyncio.create_task(serve(local, router_stop, handle_signals=False), name="router")
+    agent = asyncio.create_task(_local_agent(local, config, log_level, stop), name="local-agent")
     try:
-        await serve_agent(local, stop)
+        await asyncio.wait({router, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.set()
-        await router
+        await agent
+        router_stop.set()
+        await router  # raises what stopped it, if it failed (a port in use, say)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _local_agent(settings: Settings, config: Path | None, log_level: str, stop: asyncio.Event) -> None:
+    """Run `gpugate agent` for this router until ``stop``; start it again whenever it exits."""
+    command = [sys.executable, "-m", "gpugate.cli", "--log-level", log_level,
+               *(["--config", str(config)] if config else []), "agent"]
+    env = {**os.environ, "GPUGATE_AGENT__ROUTER_URL": settings.agent.router_url or "",
+           "GPUGATE_AGENT__TOKEN": settings.agent.token or ""}
+    delay = AGENT_RESTART_MIN_S
+    while not stop.is_set():
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(*command, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                    preexec_fn=die_with_parent)
+        stopping = asyncio.create_task(stop.wait())
+        exited = asyncio.create_task(proc.wait())
+        await asyncio.wait({stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not exited.done():  # stopping: let it drain, within its grace period
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(exited, settings.agent.shutdown_grace_s + AGENT_STOP_MARGIN_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+            return
+        if time.monotonic() - started > AGENT_RESTART_MAX_S:
+            delay = AGENT_RESTART_MIN_S
+        log.error("local agent exited; starting it again", extra={"returncode": proc.returncode, "pid": proc.pid,
+                                                                   "in_s": delay})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, AGENT_RESTART_MAX_S)

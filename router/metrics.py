@@ -13,7 +13,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable
 
-from .agents import AgentRegistry
+from .retention import Retention
+from .sessions import SessionRegistry
 from .store import Job, JobState
 
 BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, math.inf)  # seconds
@@ -51,7 +52,8 @@ class Metrics:
         while self.recent and self.recent[0] < now - THROUGHPUT_WINDOW_S:
             self.recent.popleft()
 
-    def render(self, live: Iterable[Job], agents: AgentRegistry, callbacks: dict[str, int]) -> str:
+    def render(self, live: Iterable[Job], sessions: SessionRegistry, callbacks: dict[str, int],
+               retention: Retention) -> str:
         live = list(live)
         out: list[str] = []
 
@@ -74,8 +76,13 @@ class Metrics:
                 out.append(f"gpugate_job_duration_seconds_bucket{_labels({'api': api, 'le': _number(bound)})} {_number(count)}")
             out.append(f"gpugate_job_duration_seconds_sum{_labels({'api': api})} {_number(row[-1])}")
             out.append(f"gpugate_job_duration_seconds_count{_labels({'api': api})} {_number(row[len(BUCKETS) - 1])}")
-        remote = agents.remote()
+        remote, now = sessions.remote(), time.time()
         family("gpugate_agents_online", "gauge", "Agents connected now.", [({}, len(remote))])
+        family("gpugate_agent_healthy", "gauge",
+               "1 while the agent takes jobs, 0 while it is paused after infrastructure failures in a row.",
+               (({"agent": a.name}, 0 if sessions.paused(a.name, now) else 1) for a in remote))
+        family("gpugate_agent_failures_in_row", "gauge", "Infrastructure failures in a row, per agent.",
+               (({"agent": name}, h.failures_in_row) for name, h in sorted(sessions.health.items())))
         gpus = [(a.name, d) for a in remote if not a.cpu_only for d in a.devices]
         family("gpugate_gpu_vram_free_bytes", "gauge", "Free memory per GPU, as last reported.",
                (({"agent": name, "gpu": str(d.index), "name": d.name}, d.vram_free) for name, d in gpus))
@@ -84,6 +91,9 @@ class Metrics:
         family("gpugate_callback_deliveries_total", "counter",
                "ReplyTo callback attempts since the router started, by outcome (delivered, retried, failed).",
                (({"outcome": k}, v) for k, v in sorted(callbacks.items())))
+        family("gpugate_store_free_bytes", "gauge", "Free space on the file store's disk.", [({}, retention.free_bytes())])
+        family("gpugate_store_files_removed_total", "counter", "Files deleted by retention since the router started.",
+               [({}, retention.removed)])
         return "\n".join(out) + "\n"
 
 

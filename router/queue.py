@@ -1,101 +1,59 @@
-"""The job queue: accept, dispatch to agents, record outcomes, retry; the only caller of the store
-for jobs.
+"""The live jobs and every change of their state: accept, claim, requeue, finish, and the leases.
 
-Live jobs (queued or running) are also kept in memory for dispatch and status; the store is the
-durable copy, written on every state change, so a restarted router picks up every job it had
-accepted: queued ones stay queued, running ones are queued again (their agents' late answers
-are refused by the attempt check).
+The store is the durable copy, written first on every change (each a conditional statement, so a
+stale change does nothing); ``live`` is its cache of queued and running jobs, for dispatch and
+status. A restarted router reloads it: queued jobs stay queued; running jobs stay running, their
+leases given ``lease_grace_s`` for their agents to reconnect and claim them again (wire.Hello.held),
+after which router/outcomes.py queues them again.
+
+Who decides what: router/dispatch.py picks agents and claims, router/outcomes.py turns agents'
+answers and losses into requeue/finish through router/retry.py; this module only applies them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 from gpugate.errors import FailureKind
-from gpugate.wire import Done, Failed, Failure, JobOffer, Progress, StopJob
+from gpugate.wire import Failure, Progress
 
-from .agents import AgentRegistry, ConnectedAgent
 from .api.responses import status_text
-from .scheduler import JobNeeds, Unplaceable, choose
-from .archive import JobArchive, find_everywhere, get_anywhere
-from .store import Delivery, Job, JobQuery, JobState, Store
+from .events import JobEvents
+from .retry import Decision
+from .store import Delivery, Job, JobState, Store
 
 log = logging.getLogger(__name__)
-DISPATCH_RETRY_S = 1.0
 
-
-@dataclass(frozen=True)
-class Retry:
-    """What to do after a failure: retry (with what constraint) or finish in ``state``."""
-
-    again: bool
-    state: str = JobState.FAILED
-    exclude_agent: bool = False
-    min_free_vram: int = 0
-
-
-def after_failure(job: Job, failure: Failure, agent_free_vram: int) -> Retry:
-    """The retry policy, pure: infrastructure failures move elsewhere, memory failures to a bigger
-    device, request and code failures end the job at once."""
-    attempts_left = job.attempt < job.max_attempts
-    if failure.kind is FailureKind.INTERRUPTED:
-        return Retry(False, JobState.CANCELLED)
-    if failure.kind in (FailureKind.WORKER_LOST, FailureKind.TIMEOUT) and attempts_left:
-        return Retry(True, exclude_agent=True)
-    if failure.kind is FailureKind.OUT_OF_MEMORY and attempts_left:
-        return Retry(True, min_free_vram=max(agent_free_vram, job.min_free_vram))
-    return Retry(False)
-
-
-JobEvent = Progress | Job  # what a watcher of a job receives: progress, then the finished job
 CallbackFor = Callable[[Job], Delivery | None]  # the ReplyTo delivery a finished job owes, if any
 
 
 class JobQueue:
-    def __init__(self, store: Store, agents: AgentRegistry, archive: JobArchive,
-                 callback_for: CallbackFor | None = None, on_finished: Callable[[Job], None] | None = None) -> None:
+    def __init__(self, store: Store, events: JobEvents, callback_for: CallbackFor | None = None,
+                 on_finished: Callable[[Job], None] | None = None, on_change: Callable[[], None] | None = None) -> None:
         self.store = store
-        self.agents = agents
-        self.archive = archive
+        self.events = events
         self.live: dict[int, Job] = {}
         self.waiting_reason: dict[int, str] = {}
         self.progress: dict[int, Progress] = {}
         self._callback_for = callback_for or (lambda job: None)
         self._on_finished = on_finished or (lambda job: None)
-        self._watchers: dict[int, set[asyncio.Queue[JobEvent]]] = {}
-        self._wake = asyncio.Event()
+        self.on_change = on_change or (lambda: None)  # wakes the dispatcher
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
-    def recover(self) -> None:
-        """Load every unfinished job; a job that was running when the router stopped is queued again."""
+    def recover(self, now: float, lease_grace_s: float) -> None:
+        """Load every unfinished job. The sessions that held running jobs ended with the last router,
+        so each lease gets ``lease_grace_s`` for its agent to reconnect and take it back."""
         for job in self.store.unfinished_jobs():
-            if job.state == JobState.STARTED:
-                self.store.requeue(job, time.time())
-                job.state, job.agent = JobState.QUEUED, None
+            if job.state == JobState.STARTED and (job.lease_expires is None or job.lease_expires < now + lease_grace_s):
+                job.lease_expires = now + lease_grace_s
+                self.store.set_lease_expiry(job, job.lease_expires)
             self.live[job.id] = job
         log.info("queue recovered", extra={"jobs": len(self.live)})
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Dispatch whenever something changed: a new job, a free slot, an agent joining or leaving."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self._dispatch()
-            except Exception:  # the store failing, say: keep the jobs, try again shortly
-                log.exception("dispatch failed; retrying")
-                await asyncio.sleep(DISPATCH_RETRY_S)
-                self._wake.set()
-
-    def wake(self) -> None:
-        self._wake.set()
+        self.on_change()
 
     # ---- clients -------------------------------------------------------------------------------
 
@@ -104,166 +62,107 @@ class JobQueue:
         self.store.add_job(job)
         self.live[job.id] = job
         log.info("job queued", extra={"job": job.id, "api": job.api})
-        self._wake.set()
+        self.on_change()
         return job
 
-    def get(self, job_id: int) -> Job | None:
-        """A job, live, finished or archived."""
-        return self.live.get(job_id) or get_anywhere(self.store, self.archive, job_id)
+    async def wait_finished(self, job: Job, timeout: float) -> Job | None:
+        """The job once finished (at once if it already is), or None if it is still live after
+        ``timeout`` seconds or the router is stopping."""
+        if job.id not in self.live:
+            return self.store.get_job(job.id) or job
+        return await self.events.wait_finished(job.id, timeout)
 
-    def get_by_ref(self, key_id: int | None, ref_id: str) -> Job | None:
-        job = self.store.get_job_by_ref(key_id, ref_id)
-        if job is None:
-            return self.archive.get_by_ref(key_id, ref_id)
-        return self.live.get(job.id) or job
-
-    def find(self, query: JobQuery) -> list[Job]:
-        return find_everywhere(self.store, self.archive, query)
-
-    @contextlib.contextmanager
-    def watch(self, job_id: int) -> Iterator[asyncio.Queue[JobEvent]]:
-        """Events of a live job while the block runs: each Progress, then the finished Job."""
-        events: asyncio.Queue[JobEvent] = asyncio.Queue()
-        self._watchers.setdefault(job_id, set()).add(events)
-        try:
-            yield events
-        finally:
-            watchers = self._watchers.get(job_id, set())
-            watchers.discard(events)
-            if not watchers:
-                self._watchers.pop(job_id, None)
-
-    async def wait_finished(self, job_id: int, timeout: float) -> Job | None:
-        """The job once finished, or None if it is still live after ``timeout`` seconds."""
-        if job_id not in self.live:
-            return self.store.get_job(job_id)
-        with self.watch(job_id) as events, contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while not isinstance(event := await events.get(), Job):
-                    pass
-                return event
-        return None
-
-    async def cancel(self, job: Job, reason: str) -> bool:
-        """End a live job as Cancelled: a queued one is dropped, a running one is stopped on its agent
-        (which answers ``interrupted``, ignored then: the job is already over)."""
+    def cancel(self, job: Job, reason: str) -> tuple[bool, Job]:
+        """End a live job as Cancelled; (whether it was live, the job). A running job's session is
+        left in ``job.session`` for the caller to stop it there."""
         job = self.live.get(job.id, job)
         if job.id not in self.live:
-            return False
-        agent = self.agents.agents.get(job.agent or "") if job.state == JobState.STARTED else None
+            return False, job
         job.error = Failure(kind=FailureKind.INTERRUPTED, message=reason).model_dump(exclude_none=True)
-        self._finish(agent, job, JobState.CANCELLED)
-        if agent is not None:
-            try:
-                await agent.send(StopJob(job_id=job.id, attempt=job.attempt))
-            except (ConnectionError, RuntimeError) as exc:  # it is leaving anyway
-                log.warning("stop not sent", extra={"job": job.id, "agent": agent.name, "error": str(exc)})
-        return True
+        self.finish(job, JobState.CANCELLED)
+        return True, job
 
     def status_text(self, job: Job) -> str:
         return status_text(job, self.waiting_reason.get(job.id), self.progress.get(job.id))
 
-    # ---- agents --------------------------------------------------------------------------------
+    # ---- state changes (dispatch and outcomes) -------------------------------------------------------
 
-    async def _dispatch(self) -> None:
-        offers: list[tuple[ConnectedAgent, JobOffer]] = []
-        for job in [j for j in self.live.values() if j.state == JobState.QUEUED]:
-            needs = JobNeeds(job.capability, job.model, job.megapixels, job.min_free_vram, frozenset(job.excluded))
-            choice = choose(needs, self.agents.views())
-            if isinstance(choice, Unplaceable):
-                self.waiting_reason[job.id] = choice.reason
-                continue
-            agent = self.agents.agents[choice.name]
-            if not self.store.claim(job.id, agent.name, job.attempt + 1, time.time()):
-                continue  # finished meanwhile (cancelled, say)
-            job.state, job.agent, job.attempt = JobState.STARTED, agent.name, job.attempt + 1
-            self.waiting_reason.pop(job.id, None)
-            agent.slots -= 1
-            agent.running.add(job.id)
-            offers.append((agent, JobOffer(job_id=job.id, attempt=job.attempt, capability=job.capability,
-                                           params=job.params, inputs=job.inputs)))
-        for agent, offer in offers:
-            try:
-                await agent.send(offer)
-                log.info("job sent", extra={"job": offer.job_id, "agent": agent.name, "attempt": offer.attempt})
-            except (ConnectionError, RuntimeError) as exc:  # its connection is closing: leave() requeues
-                log.warning("job not sent", extra={"job": offer.job_id, "agent": agent.name, "error": str(exc)})
+    def queued(self) -> list[Job]:
+        return [j for j in self.live.values() if j.state == JobState.QUEUED]
 
-    def on_progress(self, agent: ConnectedAgent, message: Progress) -> None:
-        job = self._held_by(agent, message.job_id, message.attempt)
-        if job is not None:
-            self.progress[job.id] = message
-            self._notify(job.id, message)
+    def running_by_session(self) -> Counter[str]:
+        return Counter(j.session for j in self.live.values() if j.state == JobState.STARTED and j.session)
 
-    def on_done(self, agent: ConnectedAgent, message: Done) -> None:
-        job = self._held_by(agent, message.job_id, message.attempt)
-        if job is None:
-            return
-        job.results = {"artifacts": [a.model_dump() for a in message.artifacts], "texts": message.texts,
-                       "details": message.details}
-        self._finish(agent, job, JobState.COMPLETED)
+    def claim(self, job: Job, agent: str, session: str) -> bool:
+        """Start the job's next attempt under ``session``'s lease; False if it is no longer queued."""
+        now = time.time()
+        if not self.store.claim(job, agent, session, now):
+            return False
+        job.state, job.agent, job.session, job.lease_expires = JobState.STARTED, agent, session, None
+        job.attempt += 1
+        job.started = now
+        self.waiting_reason.pop(job.id, None)
+        return True
 
-    def on_failed(self, agent: ConnectedAgent, message: Failed) -> None:
-        job = self._held_by(agent, message.job_id, message.attempt)
-        if job is None:
-            return
-        decision = after_failure(job, message.failure, agent.free_vram)
-        log.warning("job failed", extra={"job": job.id, "agent": agent.name, "kind": message.failure.kind.value,
-                                         "retry": decision.again, "error": message.failure.message})
-        if decision.again:
-            self._requeue(agent, job, decision)
-        else:
-            job.error = message.failure.model_dump(exclude_none=True)
-            self._finish(agent, job, decision.state)
-
-    def agent_lost(self, agent: ConnectedAgent) -> None:
-        """The agent went away: every job it held is queued again, elsewhere if attempts remain."""
-        for job_id in sorted(agent.running):
-            job = self.live.get(job_id)
-            if job is None:
-                continue
-            failure = Failure(kind=FailureKind.WORKER_LOST, message=f"agent {agent.name} was lost")
-            decision = after_failure(job, failure, agent.free_vram)
-            if decision.again:
-                self._requeue(agent, job, decision)
-            else:
-                job.error = failure.model_dump(exclude_none=True)
-                self._finish(agent, job, decision.state)
-        self._wake.set()
-
-    def _held_by(self, agent: ConnectedAgent, job_id: int, attempt: int) -> Job | None:
-        """The job, if this agent holds this attempt of it; a stale or foreign answer is ignored."""
+    def held(self, session: str, job_id: int, attempt: int) -> Job | None:
+        """The job, if ``session`` holds the lease on this attempt of it."""
         job = self.live.get(job_id)
-        if job is None or job.agent != agent.name or job.attempt != attempt or job.state != JobState.STARTED:
-            log.warning("answer for a job this agent does not hold", extra={"job": job_id, "agent": agent.name})
+        if job is None or job.state != JobState.STARTED or job.attempt != attempt or job.session != session:
             return None
         return job
 
-    def _requeue(self, agent: ConnectedAgent, job: Job, decision: Retry) -> None:
-        if decision.exclude_agent and agent.name not in job.excluded:
-            job.excluded.append(agent.name)
-        job.min_free_vram = decision.min_free_vram or job.min_free_vram
-        self.store.requeue(job, time.time())
-        job.state, job.agent = JobState.QUEUED, None
-        agent.running.discard(job.id)
-        self.progress.pop(job.id, None)
-        log.info("job queued again", extra={"job": job.id, "attempt": job.attempt})
-        self._wake.set()
+    def leases_of(self, sessions: Iterable[str]) -> list[Job]:
+        wanted = set(sessions)
+        return [j for j in self.live.values() if j.state == JobState.STARTED and j.session in wanted]
 
-    def _finish(self, agent: ConnectedAgent | None, job: Job, state: str) -> None:
+    def set_progress(self, job: Job, progress: Progress) -> None:
+        self.progress[job.id] = progress
+        self.events.notify(job.id, progress)
+
+    def requeue(self, job: Job, decision: Decision) -> None:
+        """Queue a running job again, as the retry policy decided."""
+        if decision.avoid_agent and job.agent and job.agent not in job.avoid:
+            job.avoid.append(job.agent)
+        job.min_free_vram = decision.min_free_vram or job.min_free_vram
+        job.failures += decision.charged
+        if not self.store.requeue(job):
+            job.failures -= decision.charged
+            return
+        job.state, job.agent, job.session, job.lease_expires = JobState.QUEUED, None, None, None
+        self.progress.pop(job.id, None)
+        log.info("job queued again", extra={"job": job.id, "attempt": job.attempt, "failures": job.failures})
+        self.on_change()
+
+    def finish(self, job: Job, state: JobState, failure: Failure | None = None, charged: bool = False) -> None:
         job.state = state
         job.finished = time.time()
+        job.failures += charged
+        if failure is not None:
+            job.error = failure.model_dump(exclude_none=True)
         self.store.finish(job, job.finished, self._callback_for(job))
-        if agent is not None:
-            agent.running.discard(job.id)
         self.live.pop(job.id, None)
         self.progress.pop(job.id, None)
         self.waiting_reason.pop(job.id, None)
-        self._notify(job.id, job)
+        self.events.notify(job.id, job)
         self._on_finished(job)
         log.info("job finished", extra={"job": job.id, "state": state, "agent": job.agent})
-        self._wake.set()
+        self.on_change()
 
-    def _notify(self, job_id: int, event: JobEvent) -> None:
-        for events in self._watchers.get(job_id, ()):
-            events.put_nowait(event)
+    def move_lease(self, job: Job, session: str) -> bool:
+        """The agent holding ``job`` came back as ``session``: its lease goes along."""
+        if not self.store.move_lease(job, session):
+            return False
+        job.session, job.lease_expires = session, None
+        return True
+
+    def start_lease_clock(self, session: str, expires: float) -> int:
+        """``session`` is gone: its leases expire at ``expires`` unless its agent comes back."""
+        jobs = self.leases_of([session])
+        for job in jobs:
+            if self.store.set_lease_expiry(job, expires):
+                job.lease_expires = expires
+        return len(jobs)
+
+    def expired_leases(self, now: float) -> list[Job]:
+        return [j for j in self.live.values()
+                if j.state == JobState.STARTED and j.lease_expires is not None and j.lease_expires <= now]

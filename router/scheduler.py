@@ -2,8 +2,10 @@
 
 A job goes only to an agent that can run its capability, has its model, and has enough free VRAM
 for it (after an out-of-memory failure: more than the agent that failed had). Among those with a
-free slot, prefer one that already has the model loaded (no swap), then the most free VRAM, then
-the fewest running jobs. When none fits, the answer says why, in words a client can read.
+free slot and not paused (router/sessions.py: an agent that failed jobs in a row), prefer one that
+did not lose this job before (a preference, never a ban: with one agent the job runs there again),
+then one that already has the model loaded (no swap), then the most free VRAM, then the fewest
+running jobs. When none fits, the answer says why, in words a client can read.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class AgentView:
     loaded: frozenset[str] = frozenset()
     running: int = 0
     slots: int = 0  # jobs it asked for and has not been sent
+    paused: str | None = None  # why it takes no jobs for now, if it does not
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,13 @@ class JobNeeds:
     model: str | None = None  # a model file of the capability's model_kind
     megapixels: float = 0.0  # output pixels x batch, in millions
     min_free_vram: int = 0  # after an out-of-memory failure: the agent must have more than this
-    excluded: frozenset[str] = field(default_factory=frozenset)  # agents that lost this job before
+    avoid: frozenset[str] = field(default_factory=frozenset)  # agents that lost this job before: chosen last
 
 
 @dataclass(frozen=True)
 class Unplaceable:
     reason: str
-    busy: bool = False  # capable agents exist, all slots taken: not worth telling the client about
+    busy: bool = False  # capable agents exist but none is free now: a wait, not a lack of capacity
 
 
 def vram_needed(job: JobNeeds, capability: Capability, model_size: int | None) -> int:
@@ -53,9 +56,9 @@ def vram_needed(job: JobNeeds, capability: Capability, model_size: int | None) -
 
 
 def choose(job: JobNeeds, agents: Iterable[AgentView]) -> AgentView | Unplaceable:
-    pool = [a for a in agents if a.name not in job.excluded]
+    pool = list(agents)
     if not pool:
-        return Unplaceable("no agent is connected" if not job.excluded else "no other agent is connected")
+        return Unplaceable("no agent is connected")
     able = [a for a in pool if job.capability in a.capabilities]
     if not able:
         return Unplaceable(f"no agent can run {job.capability}")
@@ -69,10 +72,12 @@ def choose(job: JobNeeds, agents: Iterable[AgentView]) -> AgentView | Unplaceabl
         most = max(a.free_vram for a in able)
         need = max(min(needs.values()), job.min_free_vram + 1)
         return Unplaceable(f"needs about {need / GB:.1f} GB VRAM, the most free is {most / GB:.1f} GB")
-    ready = [a for a in fits if a.slots > 0]
+    ready = [a for a in fits if a.slots > 0 and a.paused is None]
     if not ready:
+        if all(a.paused for a in fits):
+            return Unplaceable(f"waiting: agent {fits[0].name} is paused ({fits[0].paused})", busy=True)
         return Unplaceable(f"waiting for a free agent ({len(fits)} able, all busy)", busy=True)
-    return min(ready, key=lambda a: (job.model not in a.loaded, -a.free_vram, a.running, a.name))
+    return min(ready, key=lambda a: (a.name in job.avoid, job.model not in a.loaded, -a.free_vram, a.running, a.name))
 
 
 def _kind(agent: AgentView, job: JobNeeds) -> str:

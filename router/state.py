@@ -4,27 +4,35 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gpugate.catalog import Catalog
 from gpugate.settings import Settings
 
-from .agents import AgentRegistry
 from .archive import JobArchive
 from .artifacts import ArtifactStore
 from .callbacks import CallbackSender
-from gpugate.catalog import Catalog
+from .dispatch import Dispatcher
+from .lookup import JobFinder
 from .metrics import Metrics
+from .outcomes import Outcomes
 from .queue import JobQueue
+from .retention import Retention
+from .sessions import SessionRegistry
 from .store import Key, Store
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)  # type: ignore[type-abstract]
 QUEUE = web.AppKey("queue", JobQueue)
-AGENTS = web.AppKey("agents", AgentRegistry)
+FINDER = web.AppKey("finder", JobFinder)
+SESSIONS = web.AppKey("sessions", SessionRegistry)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+OUTCOMES = web.AppKey("outcomes", Outcomes)
 ARTIFACTS = web.AppKey("artifacts", ArtifactStore)
+RETENTION = web.AppKey("retention", Retention)
 CATALOG = web.AppKey("catalog", Catalog)
 ARCHIVE = web.AppKey("archive", JobArchive)
 CALLBACKS = web.AppKey("callbacks", CallbackSender)
 METRICS = web.AppKey("metrics", Metrics)
 KEY = web.RequestKey("key", Key | None)  # the caller's API key (None for agents)
 
-__all__ = ["SETTINGS", "STORE", "QUEUE", "AGENTS", "ARTIFACTS", "CATALOG", "ARCHIVE", "CALLBACKS", "METRICS", "KEY",
-           "Key"]
+__all__ = ["SETTINGS", "STORE", "QUEUE", "FINDER", "SESSIONS", "DISPATCHER", "OUTCOMES", "ARTIFACTS", "RETENTION",
+           "CATALOG", "ARCHIVE", "CALLBACKS", "METRICS", "KEY", "Key"]

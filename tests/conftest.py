@@ -32,6 +32,19 @@ def fixture_models() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_video() -> Path:
+    """A 2 s 320x240 H.264/AAC video (moov at the end, as most encoders write it), made once per machine."""
+    folder = CACHE / "media"
+    folder.mkdir(parents=True, exist_ok=True)
+    video = folder / "sample.mp4"
+    if not video.exists():
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=2",
+                        "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                        "-c:a", "aac", "-shortest", str(video)], check=True)
+    return video
+
+
+@pytest.fixture(scope="session")
 def models_dir(fixture_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     for kind, name in (("checkpoints", CHECKPOINT), ("upscale_models", UPSCALER)):

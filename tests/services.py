@@ -20,7 +20,7 @@ from agent.comfy.launch import free_port
 from gpugate.settings import PROJECT_ROOT, Settings, load_settings
 from router.app import create_app
 from router.main import router_url
-from router.state import AGENTS
+from router.state import SESSIONS
 from tests.conftest import CACHE
 from tests.model_fixtures import CHECKPOINT, UPSCALER
 
@@ -59,7 +59,7 @@ class Router:
 
     async def wait_for_agents(self, *names: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
-        while not set(names) <= set(self.app[AGENTS].agents):
+        while not set(names) <= set(self.app[SESSIONS].sessions):
             assert time.monotonic() < deadline, f"agents {names} did not join"
             await asyncio.sleep(0.2)
 
@@ -75,7 +75,9 @@ class Agents:
         with open(self.workflows / "txt2img.toml", "a") as declaration:
             declaration.write("\n[vram]\nper_megapixel_gb = 40\n")
 
-    def start(self, name: str, free_gb: float, checkpoints: list[str], **env: str) -> None:
+    def start(self, name: str, free_gb: float, checkpoints: list[str], wrap: list[str] | None = None, **env: str) -> None:
+        """Start agent ``name`` reporting ``free_gb`` of VRAM with these checkpoints; ``wrap`` is a command
+        it runs under (it execs the agent's command line given as its arguments)."""
         models = self.root / name / "models"
         (models / "checkpoints").mkdir(parents=True)
         (models / "upscale_models").mkdir()
@@ -89,7 +91,7 @@ class Agents:
                "GPUGATE_WORKFLOWS__DIRS": json.dumps([str(self.workflows)]), "GPUGATE_AGENT__RUNNERS": '["comfy"]',
                "GPUGATE_PATHS__DATA_DIR": str(self.root / name / "data"), **env}
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "gpugate.cli", "agent"], cwd=PROJECT_ROOT,
+        self.procs[name] = subprocess.Popen([*(wrap or []), sys.executable, "-m", "gpugate.cli", "agent"], cwd=PROJECT_ROOT,
                                             env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -109,11 +111,11 @@ class Agents:
                 proc.wait()
 
 
-async def call(router: Router, key: str | None, api: str, body: dict[str, Any] | aiohttp.FormData,
-               status: int = 200) -> dict[str, Any]:
+async def call(router: Router, key: str | None, api: str,
+               body: dict[str, Any] | aiohttp.FormData | aiohttp.MultipartWriter, status: int = 200) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with aiohttp.ClientSession() as http:
-        kwargs = {"data": body} if isinstance(body, aiohttp.FormData) else {"json": body}
+        kwargs = {"json": body} if isinstance(body, dict) else {"data": body}
         async with http.post(f"{router.url}/api/{api}", headers=headers, **kwargs) as r:
             answer = await r.json()
             assert r.status == status, answer

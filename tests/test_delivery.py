@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -25,13 +26,17 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
 from agent.comfy.launch import free_port
 from gpugate.settings import PROJECT_ROOT, Settings
+from gpugate.settings import Router as RouterSettings
 from router.archive import archive_finished
-from router.keys import create_key
-from router.state import ARCHIVE, QUEUE, STORE
+from router.callbacks import CallbackSender
+from router.keys import create_key, new_webhook_secret
+from router.state import ARCHIVE, CALLBACKS, QUEUE, STORE
 from router.store import Job, JobState
+from router.store.sqlite import SqliteStore
 from tests.conftest import png
 from tests.services import Agents, Router, call, router_settings_in, status, until
 
@@ -174,10 +179,13 @@ def admin_secret_of_another_key() -> str:
 
 async def test_a_router_restart_loses_no_delivery(router: Router, client: Any) -> None:
     receiver = Receiver(failures=0)  # not listening yet: every attempt fails to connect
+    retried = router.app[CALLBACKS].outcomes["retried"]
     queued = await call(router, client.token, "QueueScaleImage", image_form({"width": 16, "height": 16,
                                                                             "replyTo": receiver.url}))
     await until(router, client.token, queued["jobId"], lambda a: a["jobState"] == "Completed")
-    await asyncio.sleep(0.5)  # a first attempt fails
+    async with asyncio.timeout(30):
+        while router.app[CALLBACKS].outcomes["retried"] == retried:  # a first attempt fails
+            await asyncio.sleep(0.05)
     await router.stop()
     await router.start()
     async with receiver:
@@ -331,3 +339,45 @@ async def test_the_openapi_document_validates_and_schemathesis_finds_no_server_e
         "--exclude-operation-id", "RevokeApiKey", "--request-timeout", "20", "--no-color"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+
+
+async def test_a_callback_connects_only_to_an_address_that_passed_the_check(tmp_path: Path) -> None:
+    """DNS may answer differently between a check and the connection (rebinding, toward 169.254.169.254
+    say). Each attempt resolves the host once, inside its timeout, checks the answer and connects to
+    exactly that: an internal answer is refused and never reached; an allowed one is used."""
+    resolved: list[str] = []
+
+    class Resolver(AbstractResolver):  # the DNS answer of the moment, as a rebinding server would give it
+        def __init__(self, answer: str) -> None:
+            self.answer = answer
+
+        async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+            resolved.append(self.answer)
+            return [{"hostname": host, "host": self.answer, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}]
+
+        async def close(self) -> None:
+            return None
+
+    async with Receiver(0) as receiver:
+        url = f"http://callbacks.example:{receiver.port}/hook"
+        for allowed, outcome in (((), "failed"), (("127.0.0.0/8",), "delivered")):
+            store = SqliteStore(tmp_path / f"router-{outcome}.db")
+            settings = RouterSettings(callback_allow_networks=allowed, callback_timeout_s=5, callback_retry_s=0.1)
+            sender = CallbackSender(store, settings, new_webhook_secret(), lambda api: {}, resolver=Resolver("127.0.0.1"))
+            job = store.add_job(Job(id=0, api="Echo", capability="echo", params={}, inputs={}, model=None, megapixels=0,
+                                    max_attempts=1, reply_to=url, state=JobState.QUEUED, created=time.time()))
+            job.state = JobState.COMPLETED
+            store.finish(job, time.time(), sender.delivery_for(job))
+            running = asyncio.create_task(sender.run())
+            try:
+                async with asyncio.timeout(20):
+                    while sender.outcomes[outcome] == 0:
+                        await asyncio.sleep(0.05)
+            finally:
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+                store.close()
+            if outcome == "failed":
+                assert receiver.attempts == [], "the internal address was never connected to"
+                assert sender.outcomes["retried"] == 0, "a refused address is given up at once"
+        assert len(receiver.attempts) == 1 and resolved == ["127.0.0.1", "127.0.0.1"], "one lookup per attempt"

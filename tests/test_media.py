@@ -25,16 +25,8 @@ SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 
 
 @pytest.fixture(scope="module")
-def media() -> dict[str, Path]:
-    """A 2 s 320x240 H.264/AAC video (moov at the end, as most encoders write it) and a red mark."""
-    folder = CACHE / "media"
-    folder.mkdir(parents=True, exist_ok=True)
-    video = folder / "sample.mp4"
-    if not video.exists():
-        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=2",
-                        "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-                        "-c:a", "aac", "-shortest", str(video)], check=True)
-    return {"video": video}
+def media(sample_video: Path) -> dict[str, Path]:
+    return {"video": sample_video}
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +214,8 @@ async def test_hostile_inputs_are_refused_cleanly(router: Router, agent: Agents,
         ("ScaleImage", form(image=_png_header(50000, 50000), width=10, height=10), "image", "is too large (Image size (2500000000 pixels)"),
         ("CropImage", form(image=png(20, 20), x=15, y=0, width=10, height=10), "width", "reaches outside the 20x20 image"),
         ("ConvertVideo", form(video=video, outputFormat="exe"), "outputFormat", "Input should be"),
+        ("SpeechToText", form(audio=video, language="klingon"), "language", "is not a language Whisper knows"),
+        ("SpeechToText", form(audio=video, language="de"), "language", "understands English only"),
     ]
     for api, body, field, words_ in cases:
         answer = await call(router, key, api, body, status=400)

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from agent.comfy.launch import free_port
 from gpugate.settings import PROJECT_ROOT
-from router.state import AGENTS
+from router.state import SESSIONS
 from tests.services import Agents, Router, router_settings_in
 
 PAYLOAD = os.urandom(3 * 2**20 + 12345)  # a "model": a few MB, so it comes in several chunks
@@ -193,7 +193,7 @@ async def test_a_pulled_voice_appears_in_the_running_agents_advertisement(env: d
         agents.start("speaker", 4, [], GPUGATE_AGENT__RUNNERS='["speech"]',
                      GPUGATE_PATHS__MODELS_DIR=env["GPUGATE_PATHS__MODELS_DIR"])
         await router.wait_for_agents("speaker")
-        voices = lambda: {m.name for m in router.app[AGENTS].agents["speaker"].models if m.kind == "piper"}  # noqa: E731
+        voices = lambda: {m.name for m in router.app[SESSIONS].sessions["speaker"].models if m.kind == "piper"}  # noqa: E731
         assert voices() == {"en_US-joe-medium"}
         done = await gpugate(env, "models", "pull", "en_US-test-voice", "--quiet")
         assert done.returncode == 0, done.stderr

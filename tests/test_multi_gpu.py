@@ -13,7 +13,7 @@ import pytest
 from agent.gpu import plan_workers, report_devices
 from gpugate.settings import load_settings, Settings
 from router.keys import create_key
-from router.state import AGENTS, STORE
+from router.state import SESSIONS, STORE
 from tests.services import TINY_CATALOG, Agents, Router, call, router_settings_in
 
 TWO_GPUS = json.dumps([{"name": "small GPU", "vram_total_gb": 8, "vram_free_gb": 1.0},
@@ -45,7 +45,7 @@ async def test_each_gpu_gets_its_own_pinned_comfyui_and_jobs_go_to_the_gpu_that_
     agents.start("box", 0, ["tiny.safetensors"], GPUGATE_AGENT__GPUS=TWO_GPUS)
     try:
         await router.wait_for_agents("box-gpu0", "box-gpu1")
-        registry = router.app[AGENTS].agents
+        registry = router.app[SESSIONS].sessions
         assert [d.name for d in registry["box-gpu0"].devices] == ["small GPU"]
         assert [d.name for d in registry["box-gpu1"].devices] == ["big GPU"]
         comfyuis = [p for p in psutil.Process(agents.procs["box"].pid).children(recursive=True)

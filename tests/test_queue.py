@@ -1,88 +1,258 @@
-"""The queue's bookkeeping with the real store and registry; agents are stand-ins that record what
-they are sent (the websocket path is tested end to end in test_router.py)."""
+"""Leases, retries and sessions with the real store: the queue, dispatcher, outcomes and session
+registry wired as the router wires them. Agents are stand-ins that record what they are sent (the
+websocket path and real agent processes are in test_router.py and test_chaos.py)."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from gpugate.errors import FailureKind
-from gpugate.wire import Capability, Device, Done, Failed, Failure, Hello, JobOffer, Model
-from router.agents import AgentRegistry, ConnectedAgent
-from router.archive import JobArchive
+from gpugate.settings import Router as RouterSettings
+from gpugate.wire import Ack, Artifact, Capability, Device, Done, Failed, Failure, HeldJob, Hello, JobOffer, Model, StopJob
+from router.artifacts import ArtifactStore
+from router.dispatch import Dispatcher
+from router.events import JobEvents
+from router.outcomes import Outcomes
 from router.queue import JobQueue
+from router.retention import Retention
+from router.sessions import AgentSession, Refusal, SessionRegistry
 from router.store import Job, JobState
 from router.store.sqlite import SqliteStore
 
 GB = 2**30
+GRACE = 20.0
+
+
+@dataclass
+class Fleet:
+    store: SqliteStore
+    queue: JobQueue
+    sessions: SessionRegistry
+    dispatcher: Dispatcher
+    outcomes: Outcomes
+    artifacts: ArtifactStore
+    sent: list[tuple[str, JobOffer | StopJob]] = field(default_factory=list)
+
+    def join(self, name: str, free_gb: float = 12, instance: str | None = None,
+             held: list[HeldJob] = ()) -> tuple[AgentSession, list[int], list[int]]:  # type: ignore[assignment]
+        async def send(message: JobOffer | StopJob | Ack) -> None:
+            if not isinstance(message, Ack):
+                self.sent.append((name, message))
+
+        async def disconnect() -> None:
+            return None
+
+        hello = Hello(name=name, instance=instance or name, cpu_only=False,
+                      devices=[Device(index=0, name="gpu", vram_total=24 * GB, vram_free=int(free_gb * GB))],
+                      models=[Model(kind="checkpoints", name="m.safetensors", size=2 * GB)],
+                      capabilities=[Capability(name="txt2img", model_kind="checkpoints")], concurrency=1,
+                      held=list(held))
+        session, _ = self.sessions.join(hello, send, disconnect)
+        session.slots = 1
+        resumed, dropped = self.outcomes.resume(session, hello.held)
+        return session, resumed, dropped
+
+    def leave(self, session: AgentSession) -> None:
+        self.sessions.leave(session)
+        self.outcomes.session_closed(session)
+
+    def submit(self, **overrides: object) -> Job:
+        return self.queue.submit(Job(**{"id": 0, "api": "TextToImage", "capability": "txt2img", "params": {"prompt": "x"},
+                                        "inputs": {}, "model": "m.safetensors", "megapixels": 0.25, "max_attempts": 3,
+                                        **overrides}))
+
+    async def dispatch(self) -> list[tuple[str, JobOffer | StopJob]]:
+        before = len(self.sent)
+        await self.dispatcher.dispatch(time.time())
+        return self.sent[before:]
+
+    def stored(self, job: Job) -> Job:
+        found = self.store.get_job(job.id)
+        assert found is not None
+        return found
 
 
 @pytest.fixture
-def queue(tmp_path: Path) -> JobQueue:
-    return JobQueue(SqliteStore(tmp_path / "router.db"), AgentRegistry(), JobArchive(tmp_path / "archive"))
+def fleet(tmp_path: Path) -> Fleet:
+    store = SqliteStore(tmp_path / "router.db")
+    queue = JobQueue(store, JobEvents())
+    sessions = SessionRegistry(failure_limit=3, pause_s=60)
+    artifacts = ArtifactStore(tmp_path / "files")
+    outcomes = Outcomes(queue, sessions, Retention(store, artifacts, RouterSettings()), GRACE)
+    return Fleet(store, queue, sessions, Dispatcher(queue, sessions, unplaceable_timeout_s=30), outcomes, artifacts)
 
 
-def join(queue: JobQueue, name: str, free_gb: float, sent: list[tuple[str, JobOffer]]) -> ConnectedAgent:
-    async def send(offer: JobOffer) -> None:
-        sent.append((name, offer))
+def held(session: AgentSession, offer: JobOffer) -> HeldJob:
+    return HeldJob(job_id=offer.job_id, attempt=offer.attempt, session=session.id)
 
-    async def disconnect() -> None:
+
+async def test_out_of_memory_moves_the_job_to_an_agent_with_more_free_memory(fleet: Fleet) -> None:
+    small, _, _ = fleet.join("small", 6)
+    job = fleet.submit()
+    assert [name for name, _ in await fleet.dispatch()] == ["small"]
+    big, _, _ = fleet.join("big", 12)
+    big.slots = 0  # not asking for work yet
+    fleet.outcomes.failed(small, Failed(job_id=job.id, attempt=1, failure=Failure(kind=FailureKind.OUT_OF_MEMORY, message="oom")))
+    small.slots = 1
+    assert await fleet.dispatch() == []
+    assert fleet.queue.waiting_reason[job.id].startswith("waiting for a free agent"), "small no longer qualifies; big is busy"
+    big.slots = 1
+    [(name, offer)] = await fleet.dispatch()
+    assert name == "big" and offer.attempt == 2
+    await fleet.outcomes.done(big, Done(job_id=job.id, attempt=2))
+    stored = fleet.stored(job)
+    assert stored.state == JobState.COMPLETED and stored.attempt == 2 and stored.failures == 1
+
+
+async def test_an_invalid_request_fails_at_once_and_late_answers_change_nothing(fleet: Fleet) -> None:
+    agent, _, _ = fleet.join("a")
+    job = fleet.submit()
+    await fleet.dispatch()
+    fleet.outcomes.failed(agent, Failed(job_id=job.id, attempt=1, failure=Failure(
+        kind=FailureKind.INVALID, message="prompt: is required", errors=[{"field": "prompt", "message": "is required"}])))
+    await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1))  # a stale, contradicting answer
+    stored = fleet.stored(job)
+    assert stored.state == JobState.FAILED and stored.error is not None and stored.error["kind"] == "invalid"
+
+
+async def test_with_one_agent_a_lost_job_runs_there_again_and_the_failures_are_bounded(fleet: Fleet) -> None:
+    """The old rule banned the agent that lost a job: with one agent, the job waited forever."""
+    job = fleet.submit()
+    for attempt in (1, 2, 3):
+        agent, _, _ = fleet.join("only", instance=f"process-{attempt}")  # restarted each time, under its name
+        [(name, offer)] = await fleet.dispatch()
+        assert name == "only" and offer.attempt == attempt
+        fleet.leave(agent)  # killed: its lease waits for it...
+        assert fleet.stored(job).state == JobState.STARTED
+        fleet.outcomes.expire_leases(time.time() + GRACE)  # ...and runs out
+    stored = fleet.stored(job)
+    assert stored.state == JobState.FAILED and stored.error is not None and stored.error["kind"] == "worker_lost"
+    assert stored.failures == 3 and "did not come back within 20s" in stored.error["message"]
+
+
+async def test_a_reconnecting_agent_keeps_its_running_job_and_its_answer_counts(fleet: Fleet) -> None:
+    agent, _, _ = fleet.join("a")
+    job = fleet.submit()
+    [(_, offer)] = await fleet.dispatch()
+    fleet.leave(agent)  # the connection dropped; the process lives on
+    again, resumed, dropped = fleet.join("a", held=[held(agent, offer)])
+    assert (resumed, dropped) == ([job.id], [])
+    await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1))  # the old session's late answer: ignored
+    assert fleet.stored(job).state == JobState.STARTED
+    await fleet.outcomes.done(again, Done(job_id=job.id, attempt=1))
+    stored = fleet.stored(job)
+    assert stored.state == JobState.COMPLETED and stored.attempt == 1 and stored.failures == 0
+
+
+async def test_a_restarted_agent_without_the_job_gives_it_back_at_once(fleet: Fleet) -> None:
+    agent, _, _ = fleet.join("a", instance="first process")
+    job = fleet.submit()
+    await fleet.dispatch()
+    fleet.leave(agent)
+    _, resumed, _ = fleet.join("a", instance="second process")  # kill -9 and start again: holds nothing
+    assert resumed == [] and fleet.stored(job).state == JobState.QUEUED and fleet.stored(job).failures == 1
+    [(name, offer)] = await fleet.dispatch()
+    assert name == "a" and offer.attempt == 2
+
+
+async def test_after_a_router_restart_running_jobs_wait_for_their_agents(fleet: Fleet, tmp_path: Path) -> None:
+    agent, _, _ = fleet.join("a")
+    job = fleet.submit()
+    [(_, offer)] = await fleet.dispatch()
+    fleet.store.close()
+
+    restarted = SqliteStore(tmp_path / "router.db")  # a new router on the same store
+    queue = JobQueue(restarted, JobEvents())
+    queue.recover(time.time(), GRACE)
+    assert queue.live[job.id].state == JobState.STARTED and queue.live[job.id].lease_expires is not None
+    sessions = SessionRegistry()
+    outcomes = Outcomes(queue, sessions, Retention(restarted, fleet.artifacts, RouterSettings()), GRACE)
+    hello = Hello(name="a", instance="a", cpu_only=False, devices=[], models=[], capabilities=[], concurrency=1,
+                  held=[held(agent, offer)])
+
+    async def send(message: object) -> None:
         return None
 
-    hello = Hello(name=name, cpu_only=False, devices=[Device(index=0, name="gpu", vram_total=24 * GB, vram_free=int(free_gb * GB))],
-                  models=[Model(kind="checkpoints", name="m.safetensors", size=2 * GB)],
-                  capabilities=[Capability(name="txt2img", model_kind="checkpoints")], concurrency=1)
-    agent = queue.agents.join(hello, send, disconnect)
-    agent.slots = 1
-    return agent
+    session, _ = sessions.join(hello, send, send)  # type: ignore[arg-type]
+    assert outcomes.resume(session, hello.held) == ([job.id], [])
+    await outcomes.done(session, Done(job_id=job.id, attempt=1))
+    finished = restarted.get_job(job.id)
+    assert finished is not None and finished.state == JobState.COMPLETED and finished.failures == 0
 
 
-def submit(queue: JobQueue) -> Job:
-    return queue.submit(Job(id=0, api="TextToImage", capability="txt2img", params={"prompt": "x"}, inputs={},
-                            model="m.safetensors", megapixels=0.25, max_attempts=3))
+async def test_names_are_one_live_agent_each(fleet: Fleet) -> None:
+    first, _, _ = fleet.join("gpu-host", instance="one process")
+    with pytest.raises(Refusal, match="an agent named 'gpu-host' is already connected"):
+        fleet.join("gpu-host", instance="another process")
+    replacement, _, _ = fleet.join("gpu-host", instance="one process")  # the same process, reconnecting
+    assert fleet.sessions.sessions["gpu-host"] is replacement and fleet.sessions.by_id(first.id) is None
+    with pytest.raises(Refusal, match="reserved for the router's own worker"):
+        fleet.join("router")
+    with pytest.raises(Refusal, match="is not allowed"):
+        fleet.join("bad name!")
 
 
-async def test_out_of_memory_moves_the_job_to_an_agent_with_more_free_memory(queue: JobQueue) -> None:
-    sent: list[tuple[str, JobOffer]] = []
-    small = join(queue, "small", 6, sent)
-    job = submit(queue)
-    await queue._dispatch()
-    assert [name for name, _ in sent] == ["small"]
-    big = join(queue, "big", 12, sent)
-    big.slots = 0  # not asking for work yet
-    queue.on_failed(small, Failed(job_id=job.id, attempt=1, failure=Failure(kind=FailureKind.OUT_OF_MEMORY, message="oom")))
-    small.slots = 1
-    await queue._dispatch()
-    assert queue.waiting_reason[job.id].startswith("waiting for a free agent"), "small no longer qualifies; big is busy"
-    big.slots = 1
-    await queue._dispatch()
-    assert [name for name, _ in sent] == ["small", "big"] and sent[-1][1].attempt == 2
-    queue.on_done(big, Done(job_id=job.id, attempt=2))
-    stored = queue.store.get_job(job.id)
-    assert stored is not None and stored.state == JobState.COMPLETED and stored.attempt == 2
+async def test_a_job_handed_back_at_shutdown_uses_no_attempt(fleet: Fleet) -> None:
+    leaving, _, _ = fleet.join("leaving")
+    job = fleet.submit()
+    await fleet.dispatch()
+    fleet.outcomes.failed(leaving, Failed(job_id=job.id, attempt=1, failure=Failure(kind=FailureKind.SHUTDOWN, message="bye")))
+    fleet.leave(leaving)
+    assert fleet.stored(job).state == JobState.QUEUED and fleet.stored(job).failures == 0
+    other, _, _ = fleet.join("other")
+    [(name, offer)] = await fleet.dispatch()
+    assert name == "other" and offer.attempt == 2
 
 
-async def test_an_invalid_request_fails_at_once_and_late_answers_change_nothing(queue: JobQueue) -> None:
-    sent: list[tuple[str, JobOffer]] = []
-    agent = join(queue, "a", 12, sent)
-    job = submit(queue)
-    await queue._dispatch()
-    queue.on_failed(agent, Failed(job_id=job.id, attempt=1, failure=Failure(
-        kind=FailureKind.INVALID, message="prompt: is required", errors=[{"field": "prompt", "message": "is required"}])))
-    queue.on_done(agent, Done(job_id=job.id, attempt=1))  # a stale, contradicting answer
-    stored = queue.store.get_job(job.id)
-    assert stored is not None and stored.state == JobState.FAILED and stored.error["kind"] == "invalid"
+async def test_a_job_no_agent_can_take_fails_after_the_limit_with_the_reason(fleet: Fleet) -> None:
+    job = fleet.submit(model="nowhere.safetensors")
+    fleet.join("a")
+    now = time.time()
+    await fleet.dispatcher.dispatch(now)
+    assert fleet.queue.waiting_reason[job.id] == "no agent has model nowhere.safetensors"
+    await fleet.dispatcher.dispatch(now + 31)
+    stored = fleet.stored(job)
+    assert stored.state == JobState.FAILED and stored.error is not None and stored.error["kind"] == "unschedulable"
+    assert "for 31s: no agent has model nowhere.safetensors" in stored.error["message"]
 
 
-async def test_a_lost_agents_jobs_go_back_and_the_attempts_are_bounded(queue: JobQueue) -> None:
-    sent: list[tuple[str, JobOffer]] = []
-    job = submit(queue)
-    for attempt, name in enumerate(("a", "b", "c"), start=1):
-        agent = join(queue, name, 12, sent)
-        await queue._dispatch()
-        assert sent[-1] == (name, sent[-1][1]) and sent[-1][1].attempt == attempt
-        queue.agents.leave(agent)
-        queue.agent_lost(agent)
-    stored = queue.store.get_job(job.id)
-    assert stored is not None and stored.state == JobState.FAILED and stored.error["kind"] == "worker_lost"
+async def test_an_agent_failing_jobs_in_a_row_is_paused(fleet: Fleet) -> None:
+    broken, _, _ = fleet.join("broken")
+    for _ in range(3):
+        fleet.submit()
+    for _ in range(3):
+        [(_, offer)] = await fleet.dispatch()
+        broken.slots = 1
+        fleet.outcomes.failed(broken, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure(
+            kind=FailureKind.INFRASTRUCTURE, message="the disk is full")))
+    assert await fleet.dispatch() == [], "paused: it would only fail the next one too"
+    waiting = fleet.queue.queued()[0]
+    assert "3 infrastructure failures in a row, the last: the disk is full" in fleet.queue.waiting_reason[waiting.id]
+    healthy, _, _ = fleet.join("healthy")
+    assert [name for name, _ in await fleet.dispatch()] == ["healthy"]
+
+
+async def test_a_stale_answers_files_are_deleted_and_a_completed_jobs_kept(fleet: Fleet) -> None:
+    agent, _, _ = fleet.join("a")
+    job = fleet.submit()
+    await fleet.dispatch()
+    kept, stale = await fleet.artifacts.put(b"kept", ".png"), await fleet.artifacts.put(b"stale", ".png")
+    files = [Artifact(name=kept, file_name="x.png", media_type="image/png", size=4)]
+    await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1, artifacts=files))
+    await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1, artifacts=[  # sent again, plus a stray file
+        *files, Artifact(name=stale, file_name="y.png", media_type="image/png", size=5)]))
+    assert fleet.artifacts.path(kept) is not None and fleet.artifacts.path(stale) is None
+
+
+async def test_cancelling_a_running_job_stops_it_on_the_session_holding_it(fleet: Fleet) -> None:
+    agent, _, _ = fleet.join("a")
+    job = fleet.submit()
+    await fleet.dispatch()
+    assert await fleet.outcomes.cancel(job, "changed my mind")
+    assert fleet.sent[-1] == ("a", StopJob(job_id=job.id, attempt=1))
+    assert fleet.stored(job).state == JobState.CANCELLED
+    assert not await fleet.outcomes.cancel(job, "again")

@@ -28,7 +28,7 @@ from PIL import Image
 
 from gpugate.settings import Settings
 from router.keys import create_key
-from router.state import STORE
+from router.state import SESSIONS, STORE
 from tests.conftest import png
 from tests.model_fixtures import UPSCALER
 from tests.services import TOKEN, Agents, Router, call, finished, router_settings_in, status, until
@@ -40,7 +40,7 @@ def router_settings(tmp_path_factory: pytest.TempPathFactory, fixture_models: Pa
     catalog = ('[models.tiny]\nkind = "checkpoints"\nfile = "shared.safetensors"\ndefault = true\n'
                f'[models.upscaler]\nkind = "upscale_models"\nfile = "{UPSCALER}"\ndefault = true\n')
     return router_settings_in(tmp_path_factory.mktemp("router"), catalog, sync_timeout_s="120", heartbeat_timeout_s="6",
-                              echo_api="true", max_upload_mb="1")
+                              lease_grace_s="2", echo_api="true", max_upload_mb="1")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,9 @@ async def agents_ab(router: Router, agent_procs: Agents, keys: dict[str, str]) -
     assert answer["results"][0]["provider"] == "a"
     agent_procs.start("b", 2.0, ["model-y.safetensors", "shared.safetensors"])
     await router.wait_for_agents("a", "b")
-    await asyncio.sleep(1.5)  # a heartbeat reports what a has loaded
+    async with asyncio.timeout(30):  # a heartbeat reports what a has loaded
+        while "shared.safetensors" not in router.app[SESSIONS].sessions["a"].loaded:
+            await asyncio.sleep(0.1)
     return agent_procs
 
 
@@ -117,6 +119,31 @@ async def test_an_upload_over_the_limit_is_refused_naming_the_part(router: Route
     assert answer["responseStatus"]["message"] == "image: larger than 1 MB"
 
 
+async def test_the_whole_request_and_its_parts_are_limited(router: Router, keys: dict[str, str]) -> None:
+    """Each file under the 1 MB limit, but many of them: refused as soon as the total passes its limit."""
+    many = aiohttp.FormData()
+    for i in range(8):
+        many.add_field(f"extra{i}", io.BytesIO(bytes(900_000)), filename=f"{i}.bin", content_type="image/png")
+    answer = await call(router, keys["upscale_only"], "ImageUpscale", many, status=413)
+    assert answer["responseStatus"]["message"] == "the request is larger than 3 MB in all"
+    answer = await call(router, keys["upscale_only"], "ImageUpscale", text_parts({f"field{i}": "x" for i in range(40)}),
+                        status=413)
+    assert answer["responseStatus"]["message"] == "the request has more than 32 parts"
+    answer = await call(router, keys["admin"], "TextToImage", text_parts({"positivePrompt": "x" * (2**20 + 1)}),
+                        status=413)
+    assert answer["responseStatus"]["message"] == "positivePrompt: the text fields are larger than 1 MB in all"
+    assert not list((router.settings.artifacts_dir / "incoming").iterdir()), "nothing of them was kept"
+
+
+def text_parts(fields: dict[str, str]) -> aiohttp.MultipartWriter:
+    """A multipart body of text fields only (aiohttp's FormData would send these urlencoded)."""
+    writer = aiohttp.MultipartWriter("form-data")
+    for name, value in fields.items():
+        writer.append(io.BytesIO(value.encode()), {"Content-Type": "text/plain"}).set_content_disposition(
+            "form-data", name=name)
+    return writer
+
+
 async def test_an_agent_without_comfyui_serves_echo_jobs(router: Router, agent_procs: Agents, keys: dict[str, str]) -> None:
     agent_procs.start("echo", 1.0, [], GPUGATE_AGENT__RUNNERS='["echo"]', GPUGATE_AGENT__CONCURRENCY="4")
     await router.wait_for_agents("echo", timeout=30)
@@ -132,7 +159,7 @@ async def test_a_silent_agents_job_goes_back_to_the_queue(router: Router, keys: 
     """Connected (its socket answers pings) but no heartbeat: after heartbeat_timeout_s it is lost."""
     from gpugate.wire import Capability, Device, Hello, Model, Pull
 
-    hello = Hello(name="silent", cpu_only=False, devices=[Device(index=0, name="gpu", vram_total=8 * 2**30, vram_free=8 * 2**30)],
+    hello = Hello(name="silent", instance="silent-1", cpu_only=False, devices=[Device(index=0, name="gpu", vram_total=8 * 2**30, vram_free=8 * 2**30)],
                   models=[Model(kind="checkpoints", name="only-silent.safetensors", size=1)],
                   capabilities=[Capability(name="txt2img", model_kind="checkpoints")], concurrency=1)
     async with aiohttp.ClientSession() as http:
@@ -147,7 +174,8 @@ async def test_a_silent_agents_job_goes_back_to_the_queue(router: Router, keys: 
             started = time.monotonic()
             reading = asyncio.create_task(ws.receive())  # keeps answering pings: only heartbeats are missing
             back = await until(router, keys["admin"], job["jobId"], lambda s: s["jobState"] == "Queued", timeout=30)
-            assert time.monotonic() - started >= router.settings.router.heartbeat_timeout_s - 2.5
+            waited = router.settings.router.heartbeat_timeout_s + router.settings.router.lease_grace_s
+            assert time.monotonic() - started >= waited - 2.5, "disconnected when silent, given up when it did not return"
             await reading  # the router closed the connection
     assert not back["status"].startswith("running"), back
 

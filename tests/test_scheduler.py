@@ -39,14 +39,23 @@ def test_reasons_when_nothing_fits() -> None:
 
 
 def test_after_out_of_memory_only_an_agent_with_more_free_vram_qualifies() -> None:
-    retry = job(min_free_vram=8 * GB, excluded=frozenset())
+    retry = job(min_free_vram=8 * GB)
     assert choose(retry, [agent("a", 8), agent("b", 12)]).name == "b"
     assert choose(retry, [agent("a", 8)]).reason.startswith("needs about 8.0 GB VRAM")
 
 
-def test_an_agent_that_lost_the_job_is_not_chosen_again() -> None:
-    assert choose(job(excluded=frozenset({"a"})), [agent("a", 20), agent("b", 8)]).name == "b"
-    assert choose(job(excluded=frozenset({"a"})), [agent("a", 20)]) == Unplaceable("no other agent is connected")
+def test_an_agent_that_lost_the_job_is_preferred_last_but_never_banned() -> None:
+    assert choose(job(avoid=frozenset({"a"})), [agent("a", 20), agent("b", 8)]).name == "b"
+    assert choose(job(avoid=frozenset({"a"})), [agent("a", 20)]).name == "a", "with one agent it runs there again"
+    assert choose(job(avoid=frozenset({"a"})), [agent("a", 20), agent("b", 8, slots=0)]).name == "a", \
+        "a free agent that lost it beats waiting for a busy one"
+
+
+def test_a_paused_agent_gets_no_jobs_and_the_reason_says_so() -> None:
+    paused = AgentView("a", TXT2IMG, {X: 2 * GB}, 20 * GB, slots=1, paused="3 infrastructure failures in a row")
+    assert choose(job(), [paused, agent("b", 8)]).name == "b"
+    waiting = choose(job(), [paused])
+    assert isinstance(waiting, Unplaceable) and waiting.busy and "paused (3 infrastructure failures" in waiting.reason
 
 
 def test_the_estimate_can_be_overridden_per_workflow() -> None:

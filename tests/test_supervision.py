@@ -107,3 +107,44 @@ class _Proxy:
                 await writer.drain()
         with contextlib.suppress(ConnectionError, OSError, RuntimeError):
             writer.write_eof()
+
+
+async def test_a_malformed_event_does_not_end_the_event_stream() -> None:
+    """ComfyUI's event socket sends frames that are not events, then drops: the client reads past
+    them and reconnects (a dead event task would leave every later prompt waiting for nothing)."""
+    from aiohttp import web
+
+    from agent.comfy.client import ComfyClient
+
+    connections = 0
+
+    async def events(request: web.Request) -> web.WebSocketResponse:
+        nonlocal connections
+        connections += 1
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        for frame in ("{not json", '["a list, not an event"]', '{"type": "executing", "data": "not a dict"}',
+                      '{"type": "status", "data": {"status": {}}}'):
+            await ws.send_str(frame)
+        if connections == 1:
+            await ws.close()  # dropped: the client must come back
+        else:
+            async for _ in ws:  # until the client closes
+                pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", events)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with ComfyClient(f"http://127.0.0.1:{port}") as client:
+            async with asyncio.timeout(30):
+                while connections < 2 or not client.connected:
+                    await asyncio.sleep(0.05)
+            assert client._events is not None and not client._events.done(), "the event task lives on"
+    finally:
+        await runner.cleanup()

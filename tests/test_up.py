@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 from agent.comfy.launch import free_port
 from gpugate.settings import PROJECT_ROOT
@@ -74,3 +76,40 @@ def test_keys_create_list_revoke(tmp_path: Path, models_dir: Path) -> None:
     assert gpugate("revoke", key_id).returncode == 0
     assert "revoked" in gpugate("list").stdout
     assert gpugate("revoke", key_id).returncode == 2
+
+
+async def test_up_keeps_its_router_when_the_local_agent_dies_and_starts_the_agent_again(
+        tmp_path: Path, models_dir: Path) -> None:
+    env = {**gpugate_env(tmp_path, models_dir), "GPUGATE_AGENT__RUNNERS": '["speech"]'}
+    up = subprocess.Popen([sys.executable, "-m", "gpugate.cli", "up"], cwd=PROJECT_ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert up.stdout is not None
+    seen: list[str] = []
+
+    def read_until(marker: str, count: int) -> None:
+        for line in up.stdout:  # type: ignore[union-attr]
+            seen.append(line)
+            if sum(marker in s for s in seen) >= count:
+                return
+        raise AssertionError("gpugate up ended:\n" + "".join(seen[-40:]))
+
+    try:
+        await asyncio.to_thread(read_until, "joined router", 1)
+        text = "".join(seen)
+        url = re.search(r"gpugate router: (http://127\.0\.0\.1:\d+)", text).group(1)  # type: ignore[union-attr]
+        key = re.search(r"admin key: (gg_\S+)", text).group(1)  # type: ignore[union-attr]
+        [agent] = [p for p in psutil.Process(up.pid).children() if "agent" in p.cmdline()]
+        agent.kill()  # what the OOM killer does
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/health") as r:
+                assert r.status == 200, "the router stays up"
+            await asyncio.to_thread(read_until, "joined router", 2)
+            assert "local agent exited; starting it again" in "".join(seen)
+            async with http.post(f"{url}/api/TextToSpeech", headers={"Authorization": f"Bearer {key}"},
+                                 json={"input": "Back again."}) as r:
+                assert r.status == 200, await r.text()
+        assert up.poll() is None
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rest, _ = up.communicate(timeout=90)
+    assert up.returncode == 0, rest

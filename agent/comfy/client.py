@@ -6,6 +6,11 @@ every (re)connect each waiting prompt looks at ``/history`` (and ``/queue``) ins
 silence. A prompt is done when ComfyUI sends ``executing`` with ``node: null`` for it; its result
 is then read from ``/history`` (see :mod:`.protocol`). Connection failures become
 :class:`WorkerLost`: ComfyUI is gone or restarting.
+
+Nothing waits on ComfyUI without a limit: every HTTP call has a connect and a read timeout
+(``request_timeout_s``; a stalled read is a lost ComfyUI too), the websocket is pinged, and the
+event task survives anything a message or the connection throws at it (it logs and reconnects).
+A ComfyUI that is alive but wedged is the supervisor's to find (process.py: liveness).
 """
 
 from __future__ import annotations
@@ -71,18 +76,25 @@ class _Watch:
 class ComfyClient:
     """One ComfyUI's HTTP API and event stream. Use ``async with``."""
 
-    def __init__(self, base_url: str, *, client_id: str | None = None) -> None:
+    def __init__(self, base_url: str, *, client_id: str | None = None, request_timeout_s: float = 120.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id or uuid.uuid4().hex
+        self.request_timeout_s = request_timeout_s
         self._http: aiohttp.ClientSession | None = None
         self._events: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._watches: dict[str, _Watch] = {}
 
     async def __aenter__(self) -> ComfyClient:
-        self._http = aiohttp.ClientSession(self.base_url, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        self._http = aiohttp.ClientSession(self.base_url, timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=self.request_timeout_s))
         self._events = asyncio.create_task(self._event_loop(), name="comfyui-events")
         return self
+
+    @property
+    def connected(self) -> bool:
+        """The event connection is up (in attach mode, the best sign that ComfyUI is)."""
+        return self._connected.is_set()
 
     async def __aexit__(self, *exc: object) -> None:
         if self._events is not None:
@@ -237,21 +249,33 @@ class ComfyClient:
         delay = RECONNECT_MIN_S
         while True:
             try:
-                async with websockets.connect(url, max_size=None, open_timeout=10) as ws:
+                async with websockets.connect(url, max_size=None, open_timeout=10, ping_interval=10,
+                                              ping_timeout=self.request_timeout_s) as ws:
                     self._connected.set()
                     delay = RECONNECT_MIN_S
                     for watch in self._watches.values():
                         watch.signals.put_nowait("resync")  # events may have been missed meanwhile
                     async for message in ws:
                         if isinstance(message, str):  # binary frames are previews
-                            self._dispatch(json.loads(message))
+                            self._on_message(message)
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 if self._connected.is_set():
                     log.warning("ComfyUI event connection lost", extra={"error": str(exc) or type(exc).__name__})
+            except Exception:  # a bug here must not end the event stream for good: reconnect
+                log.exception("ComfyUI event connection failed")
             finally:
                 self._connected.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _on_message(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            log.warning("ComfyUI sent a malformed event; ignored", extra={"event": text[:200]})
+            return
+        if isinstance(message, dict):
+            self._dispatch(message)
 
     def _dispatch(self, message: Mapping[str, Any]) -> None:
         data = message.get("data")

@@ -82,12 +82,13 @@ class ComfyEngine:
             self.process = ComfyProcess(
                 spec.command, url=spec.url, cwd=spec.cwd, env={"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else None,
                 startup_timeout_s=comfy.startup_timeout_s, backoff_s=comfy.restart_backoff_s,
-                backoff_max_s=comfy.restart_backoff_max_s, on_exit=self._on_comfy_exit,
+                backoff_max_s=comfy.restart_backoff_max_s, liveness_timeout_s=comfy.liveness_timeout_s,
+                liveness_every_s=comfy.liveness_every_s, on_exit=self._on_comfy_exit,
             )
             await self.process.start()
             url = spec.url
             self._dirs = {"input": spec.input_dir, "output": spec.output_dir, "temp": spec.temp_dir}
-        self.client = ComfyClient(url)
+        self.client = ComfyClient(url, request_timeout_s=comfy.request_timeout_s)
         await self.client.__aenter__()
         await self.refresh()
 
@@ -97,6 +98,13 @@ class ComfyEngine:
             await self.client.__aexit__(None, None, None)
         if self.process is not None:
             await self.process.stop()
+
+    @property
+    def ready(self) -> bool:
+        """ComfyUI can take a job now: its process is up (or, attached, its event connection is)."""
+        if self.process is not None:
+            return self.process.is_ready
+        return self.client is not None and self.client.connected
 
     def _use_cuda(self) -> bool:
         device = self.settings.comfy.device
@@ -142,9 +150,12 @@ class ComfyEngine:
         if job_id in self._cleanups:  # an earlier attempt of this job: let it finish clearing up first
             await self._cleanups[job_id]
         template = self.library.get(workflow)
+        if self.process is not None:  # restarting: its node lists come back with it
+            try:
+                await self.process.wait_ready(self.settings.comfy.startup_timeout_s)
+            except EngineUnavailable as exc:  # not back in time: another agent may be
+                raise WorkerLost(str(exc)) from None
         values = await self._validate(template, params)
-        if self.process is not None:
-            await self.process.wait_ready(self.settings.comfy.startup_timeout_s)
         refs: list[OutputRef] = []
         try:
             uploaded = await self._upload_images(template, values, job_id)

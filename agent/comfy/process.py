@@ -1,9 +1,10 @@
 """Supervise ComfyUI as a child process: start, wait for readiness, restart on death, stop.
 
 Readiness is ComfyUI answering ``/system_stats`` while its PID is still alive: no fixed sleeps.
-A ComfyUI that dies after it was up is restarted with exponential backoff and the ``on_exit``
-callback is told first, so the jobs it was running fail at once as "ComfyUI died" instead of
-hanging. A ComfyUI that cannot come up at all is an :class:`EngineUnavailable` with its last log
+Liveness is the same question asked every ``liveness_every_s`` while it runs: a ComfyUI that has
+not answered for ``liveness_timeout_s`` (wedged, or stopped) is killed. A ComfyUI that dies after
+it was up, or is killed so, is restarted with exponential backoff and the ``on_exit`` callback is
+told first, so the jobs it was running fail at once as "ComfyUI died" instead of hanging. A ComfyUI that cannot come up at all is an :class:`EngineUnavailable` with its last log
 lines. Its output goes line by line to the ``comfyui`` logger.
 """
 
@@ -12,17 +13,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
 
+from gpugate.children import die_with_parent
 from gpugate.errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class ComfyProcess:
         startup_timeout_s: float = 300.0,
         backoff_s: float = 1.0,
         backoff_max_s: float = 30.0,
+        liveness_timeout_s: float = 60.0,
+        liveness_every_s: float = 10.0,
         on_exit: Callable[[int], None] = lambda returncode: None,
     ) -> None:
         self.command = list(command)
@@ -55,6 +57,8 @@ class ComfyProcess:
         self._startup_timeout_s = startup_timeout_s
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
+        self._liveness_timeout_s = liveness_timeout_s
+        self._liveness_every_s = liveness_every_s
         self._on_exit = on_exit
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -110,7 +114,7 @@ class ComfyProcess:
             while not self._stopping:
                 assert self._proc is not None
                 started = time.monotonic()
-                returncode = await self._proc.wait()
+                returncode = await self._exit_or_hang(http)
                 await self._drain_log()
                 self._ready.clear()
                 if self._stopping:
@@ -129,6 +133,37 @@ class ComfyProcess:
                     except EngineUnavailable as exc:
                         log.error("ComfyUI restart failed", extra={"error": str(exc), "retry_in_s": delay})
 
+    async def _exit_or_hang(self, http: aiohttp.ClientSession) -> int:
+        """Wait for the process to exit; if it stops answering for ``liveness_timeout_s``, kill it first."""
+        proc = self._proc
+        assert proc is not None
+        exited = asyncio.ensure_future(proc.wait())
+        last_ok = time.monotonic()
+        try:
+            while True:
+                probe = asyncio.ensure_future(self._answers(http, self._liveness_timeout_s))
+                await asyncio.wait({exited, probe}, return_when=asyncio.FIRST_COMPLETED)
+                if exited.done():
+                    probe.cancel()
+                    return exited.result()
+                now = time.monotonic()
+                if probe.result():
+                    last_ok = now
+                elif now - last_ok >= self._liveness_timeout_s:
+                    log.error("ComfyUI stopped answering; killing it", extra={"pid": proc.pid, "silent_s": round(now - last_ok)})
+                    proc.kill()
+                    return await exited
+                await asyncio.wait({exited}, timeout=self._liveness_every_s)
+        finally:
+            exited.cancel()
+
+    async def _answers(self, http: aiohttp.ClientSession, timeout: float) -> bool:
+        try:
+            async with http.get(f"{self.url}/system_stats", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
     async def _launch_until_ready(self, http: aiohttp.ClientSession) -> None:
         self._tail.clear()
         proc = await asyncio.create_subprocess_exec(
@@ -138,7 +173,7 @@ class ComfyProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._proc = proc
         log.info("ComfyUI starting", extra={"pid": proc.pid, "url": self.url})
@@ -163,13 +198,7 @@ class ComfyProcess:
         raise EngineUnavailable(f"ComfyUI {why}; last output:\n" + "\n".join(self._tail))
 
     async def _poll_until_answering(self, http: aiohttp.ClientSession) -> None:
-        while True:
-            try:
-                async with http.get(f"{self.url}/system_stats", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
+        while not await self._answers(http, 2.0):
             await asyncio.sleep(READY_POLL_S)
 
     async def _pump_log(self, proc: asyncio.subprocess.Process) -> None:
@@ -198,9 +227,3 @@ class ComfyProcess:
             log.info("ComfyUI stopped", extra={"pid": proc.pid})
         await self._drain_log()
 
-
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM it when the agent dies, so no ComfyUI is orphaned."""
-    if sys.platform == "linux":
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -13,6 +13,7 @@ ffprobe program (about 128 ms, nearly all of it process start-up); see bench/med
 from __future__ import annotations
 
 import asyncio
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import av
 import ffmpeg
 
-from gpugate.errors import ExecutionError, FieldError, InvalidRequest, JobTimeout
+from gpugate.errors import ExecutionError, FieldError, InfrastructureFault, InvalidRequest, JobTimeout
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,15 @@ def _read_info(path: Path, options: dict[str, str]) -> MediaInfo:
                          video.codec_context.name if video else None, audio.codec_context.name if audio else None)
 
 
+def ffmpeg_installed() -> bool:
+    return shutil.which("ffmpeg") is not None
+
+
 async def transcode(stream: Any, timeout: float, field: str) -> None:
-    """Run an ffmpeg-python output stream. A decode failure is the input's fault (InvalidRequest)."""
+    """Run an ffmpeg-python output stream. A decode failure is the input's fault (InvalidRequest);
+    an ffmpeg that is not installed is this agent's (InfrastructureFault: another agent may have it)."""
+    if not ffmpeg_installed():
+        raise InfrastructureFault("ffmpeg is not installed on this agent")
     args = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-xerror", "-y", *stream.get_args()]
     code, _, err = await _run(args, timeout=timeout)
     if code == 0:
@@ -117,4 +125,4 @@ def _is_cover_art(stream: Any) -> bool:
     return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
-__all__ = ["MediaInfo", "probe", "transcode", "ffmpeg"]
+__all__ = ["MediaInfo", "ffmpeg", "ffmpeg_installed", "probe", "transcode"]

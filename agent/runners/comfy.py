@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpugate.errors import WorkerLost
 from gpugate.wire import Capability, Model
 
 from ..comfy.client import Progress
@@ -19,17 +20,29 @@ LOADED_KEPT = 2  # models ComfyUI is assumed to still hold: the ones the last jo
 
 
 class ComfyRunner:
+    """The workflows, offered while ComfyUI is ready: while it restarts (after a crash, or a kill
+    for not answering) the agent withdraws them and keeps serving its other runners."""
+
     def __init__(self, engine: ComfyEngine) -> None:
         self.engine = engine
         self._recent: list[str] = []
         self._restarts = 0
+        self._models: list[Model] = []
 
     def capabilities(self) -> list[Capability]:
+        if not self.engine.ready:
+            return []
         workflows, _ = self.engine.library.scan()
         return [_capability(wf) for wf in workflows]
 
     async def models(self) -> list[Model]:
-        return [Model(kind=m.kind, name=m.name, size=m.size) for m in await self.engine.models()]
+        """ComfyUI's models; while it is down, the last list it gave."""
+        if self.engine.ready:
+            try:
+                self._models = [Model(kind=m.kind, name=m.name, size=m.size) for m in await self.engine.models()]
+            except WorkerLost:  # it went down meanwhile
+                pass
+        return list(self._models)
 
     def loaded(self) -> list[str]:
         """Models the last jobs used, forgotten when ComfyUI restarts (it starts empty)."""

@@ -8,6 +8,7 @@ built from those values with ffmpeg-python. Video results are MP4 (H.264/AAC) un
 from __future__ import annotations
 
 import asyncio
+import logging
 import mimetypes
 import tempfile
 from collections.abc import Callable
@@ -20,8 +21,10 @@ from gpugate.errors import FieldError, InvalidRequest
 from gpugate.settings import Settings
 from gpugate.wire import Capability
 
-from ..media.ffmpeg import MediaInfo, probe, transcode
+from ..media.ffmpeg import MediaInfo, ffmpeg_installed, probe, transcode
 from . import JobProgress, OutputFile, RunResult, WithoutModels
+
+log = logging.getLogger(__name__)
 
 H264 = {"vcodec": "libx264", "preset": "veryfast", "pix_fmt": "yuv420p", "acodec": "aac"}
 VIDEO_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {  # outputFormat -> (muxer, codec options)
@@ -123,10 +126,17 @@ TRANSFORMS: dict[str, tuple[str, Builder, str | None]] = {
 
 
 class MediaRunner(WithoutModels):
+    """The transforms, offered only where the ffmpeg program is installed (looked for each time the
+    agent lists what it offers, so installing it needs no restart)."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        if not ffmpeg_installed():
+            log.warning("ffmpeg is not installed: media transforms are not offered (apt-get install ffmpeg)")
 
     def capabilities(self) -> list[Capability]:
+        if not ffmpeg_installed():
+            return []
         return [Capability(name=name, vram_base=0, vram_per_megapixel=0) for name in TRANSFORMS]
 
     async def run(self, capability: str, job_id: str, params: dict[str, Any],

@@ -123,6 +123,9 @@ class WhisperRunner(_SpeechRunner):
         if not info.has_audio:
             raise InvalidRequest(FieldError("audio", "has no audio stream", "not_media"))
         model, lock = await self.catalog.get(params.get("model"))
+        if params.get("language") not in (None, "en") and not model.model.is_multilingual:
+            raise InvalidRequest(FieldError("language", f"model {params.get('model') or self.catalog.default} "
+                                                        "understands English only; leave language out or use en"))
         async with lock:
             segments, detected = await stoppable(lambda stop: _transcribe(model, str(audio), params.get("language"), stop))
         text = "".join(s["text"] for s in segments).strip()

@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 from gpugate.errors import FieldError
 
 from ..keys import create_key
-from ..state import AGENTS, CALLBACKS, KEY, METRICS, QUEUE, STORE
+from ..state import CALLBACKS, FINDER, KEY, METRICS, QUEUE, RETENTION, SESSIONS, STORE
 from ..store import JobQuery, JobState, Key
 from .errors import ApiError, invalid
 from .public import base_url
@@ -69,7 +69,7 @@ def _parse(model: type[BaseModel], fields: dict[str, Any]) -> Any:
 
 async def create(request: web.Request) -> web.Response:
     _admin(request)
-    asked: NewKeyRequest = _parse(NewKeyRequest, await read_fields(request, 2**20))
+    asked: NewKeyRequest = _parse(NewKeyRequest, await read_fields(request))
     new = create_key(request.app[STORE], asked.name, tuple(asked.apis) if asked.apis else None, asked.admin)
     return web.json_response(NewKeyResponse(key=_key_info(new.key), token=new.token,
                                             webhook_secret=new.key.webhook_secret or "").body())
@@ -77,7 +77,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def revoke(request: web.Request) -> web.Response:
     _admin(request)
-    asked: RevokeKeyRequest = _parse(RevokeKeyRequest, await read_fields(request, 2**20))
+    asked: RevokeKeyRequest = _parse(RevokeKeyRequest, await read_fields(request))
     if not request.app[STORE].revoke_key(asked.id):
         raise ApiError(404, "NotFound", f"no active key {asked.id}")
     return web.json_response(_key_info(next(k for k in request.app[STORE].list_keys() if k.id == asked.id)).body())
@@ -91,13 +91,16 @@ def _dashboard(request: web.Request) -> Dashboard:
     for job in live:
         if job.state == JobState.QUEUED:
             waiting[job.api] = waiting.get(job.api, 0) + 1
+    sessions, now = app[SESSIONS], time.time()
     agents = [AgentInfo(name=a.name, cpu_only=a.cpu_only, devices=[DeviceInfo.model_validate(d.model_dump()) for d in a.devices],
-                        loaded=sorted(a.loaded), running=sorted(a.running), capabilities=sorted(a.capabilities),
-                        models=len(a.models)) for a in app[AGENTS].remote()]
+                        loaded=sorted(a.loaded), running=sorted(j.id for j in queue.leases_of([a.id])),
+                        capabilities=sorted(a.capabilities), models=len(a.models), paused=sessions.paused(a.name, now),
+                        draining=a.draining) for a in sessions.remote()]
     base = base_url(request)
+    problem = app[RETENTION].disk_problem()
     return Dashboard(agents=agents, queue=waiting, running=sum(j.state == JobState.STARTED for j in live),
-                     recent=[JobSummary.of(j, base) for j in queue.find(JobQuery(limit=20))],
-                     throughput=app[METRICS].throughput(time.time()))
+                     recent=[JobSummary.of(j, base) for j in app[FINDER].find(JobQuery(limit=20))],
+                     throughput=app[METRICS].throughput(now), problems=[problem] if problem else [])
 
 
 async def dashboard(request: web.Request) -> web.Response:
@@ -120,5 +123,5 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
 async def metrics(request: web.Request) -> web.Response:
     _admin(request)
     app = request.app
-    text = app[METRICS].render(app[QUEUE].live.values(), app[AGENTS], app[CALLBACKS].outcomes)
+    text = app[METRICS].render(app[QUEUE].live.values(), app[SESSIONS], app[CALLBACKS].outcomes, app[RETENTION])
     return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -1,20 +1,35 @@
-"""The agents' side of the router: one websocket per agent, plus file transfer over HTTP."""
+"""The agents' side of the router: one websocket per agent session, plus file transfer over HTTP.
+
+A session begins with the agent's hello: its wire version is checked first (another version is
+refused with a message naming both), then its name (router/sessions.py), then the jobs it still
+holds are resumed or dropped (router/outcomes.py), and the welcome names the session. Then
+heartbeats, pulls, progress and answers until the socket closes; each answer is acknowledged so
+the agent can forget the job. The router closing (shutdown) is not the agent failing: the agent
+keeps running its jobs and brings them back to the next router.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import ValidationError
 
 from gpugate.filestore import extension_for
-from gpugate.wire import Done, Failed, Heartbeat, Hello, JobOffer, Progress, Pull, StopJob, Welcome, agent_message
+from gpugate.wire import (
+    WIRE_VERSION, Ack, Done, Failed, Heartbeat, Hello, JobOffer, Leaving, Progress, Pull, Refused, StopJob, Welcome,
+    agent_message, version_of,
+)
 
-from ..state import AGENTS, ARTIFACTS, QUEUE, SETTINGS
+from ..sessions import Refusal
+from ..state import ARTIFACTS, DISPATCHER, OUTCOMES, SESSIONS, SETTINGS
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
+HELLO_TIMEOUT_S = 30.0
+CLOSE_REFUSED = 4409  # the agent logs the reason and tries again later
+CLOSE_WRONG_VERSION = 4426
 
 
 def routes() -> list[web.RouteDef]:
@@ -23,27 +38,38 @@ def routes() -> list[web.RouteDef]:
 
 
 async def agent_socket(request: web.Request) -> web.WebSocketResponse:
-    """An agent's session: hello first, then heartbeats, pulls, progress and outcomes until it closes."""
     app = request.app
     ws = web.WebSocketResponse(heartbeat=app[SETTINGS].router.heartbeat_timeout_s / 3, max_msg_size=16 * 2**20)
     await ws.prepare(request)
-    first = await ws.receive()
     try:
-        hello = agent_message.validate_json(first.data) if first.type is WSMsgType.TEXT else None
-    except ValidationError:
-        hello = None
-    if not isinstance(hello, Hello):
-        await ws.close(code=4400, message=b"expected hello")
+        first = await ws.receive(timeout=HELLO_TIMEOUT_S)
+    except TimeoutError:
+        await _refuse(ws, "no hello within 30s", CLOSE_REFUSED)
+        return ws
+    hello = await _hello(ws, first.data if first.type is WSMsgType.TEXT else None)
+    if hello is None:
         return ws
 
-    async def send(message: JobOffer | StopJob) -> None:
+    async def send(message: JobOffer | StopJob | Ack) -> None:
         await ws.send_str(message.model_dump_json())
 
-    agent = app[AGENTS].join(hello, send, ws.close)
-    queue = app[QUEUE]
-    log.info("agent joined", extra={"agent": agent.name, "capabilities": ",".join(agent.capabilities),
-                                    "models": len(agent.models), "free_vram": agent.free_vram})
-    await ws.send_str(Welcome(store=app[ARTIFACTS].shared).model_dump_json())
+    try:
+        session, replaced = app[SESSIONS].join(hello, send, ws.close)
+    except Refusal as exc:
+        log.warning("agent refused", extra={"agent": hello.name, "error": str(exc)})
+        await _refuse(ws, str(exc), CLOSE_REFUSED)
+        return ws
+    outcomes, dispatcher = app[OUTCOMES], app[DISPATCHER]
+    resumed, dropped = outcomes.resume(session, hello.held)
+    if replaced is not None:  # the same agent's older connection, not yet noticed as dead
+        log.warning("agent reconnected; closing its older connection", extra={"agent": session.name})
+        await replaced.disconnect()
+    log.info("agent joined", extra={"agent": session.name, "session": session.id,
+                                    "capabilities": ",".join(session.capabilities), "models": len(session.models),
+                                    "free_vram": session.free_vram})
+    await ws.send_str(Welcome(session=session.id, store=app[ARTIFACTS].shared, resumed=resumed,
+                              dropped=dropped).model_dump_json())
+    dispatcher.wake()
     try:
         async for msg in ws:
             if msg.type is not WSMsgType.TEXT:
@@ -51,26 +77,62 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
             try:
                 message = agent_message.validate_json(msg.data)
             except ValidationError as exc:
-                log.warning("bad message from agent", extra={"agent": agent.name, "error": str(exc)[:300]})
+                log.warning("bad message from agent", extra={"agent": session.name, "error": str(exc)[:300]})
                 continue
-            agent.last_seen = time.monotonic()
+            session.last_seen = time.monotonic()
             if isinstance(message, Pull):
-                agent.slots += message.slots
-                queue.wake()
+                session.slots += message.slots
+                dispatcher.wake()
             elif isinstance(message, Heartbeat):
-                agent.heard(message)
-                queue.wake()
+                session.heard(message)
+                dispatcher.wake()
             elif isinstance(message, Progress):
-                queue.on_progress(agent, message)
-            elif isinstance(message, Done):
-                queue.on_done(agent, message)
-            elif isinstance(message, Failed):
-                queue.on_failed(agent, message)
+                outcomes.progress(session, message)
+            elif isinstance(message, Done | Failed):
+                if isinstance(message, Done):
+                    await outcomes.done(session, message)
+                else:
+                    outcomes.failed(session, message)
+                await send(Ack(job_id=message.job_id, attempt=message.attempt))
+            elif isinstance(message, Leaving):
+                session.draining = True
+                log.info("agent leaving", extra={"agent": session.name})
     finally:
-        if app[AGENTS].leave(agent):
-            log.warning("agent left", extra={"agent": agent.name, "running": len(agent.running)})
-            queue.agent_lost(agent)
+        if app[SESSIONS].leave(session):
+            log.warning("agent left", extra={"agent": session.name, "session": session.id})
+        outcomes.session_closed(session)
+        dispatcher.wake()
     return ws
+
+
+async def _hello(ws: web.WebSocketResponse, raw: str | None) -> Hello | None:
+    """The agent's hello, or None once it has been refused (another version, or not a hello)."""
+    version = version_of(raw) if raw is not None else None
+    if version is not None and version != WIRE_VERSION:
+        await _refuse(ws, f"this router speaks wire protocol version {WIRE_VERSION}, the agent {version}: "
+                          "run the same gpugate version on the router and its agents", CLOSE_WRONG_VERSION)
+        return None
+    try:
+        hello = agent_message.validate_json(raw) if raw is not None else None
+    except ValidationError as exc:
+        await _refuse(ws, f"expected a hello: {str(exc)[:300]}", WSCloseCode.POLICY_VIOLATION)
+        return None
+    if not isinstance(hello, Hello):
+        await _refuse(ws, "expected a hello first", WSCloseCode.POLICY_VIOLATION)
+        return None
+    return hello
+
+
+async def _refuse(ws: web.WebSocketResponse, reason: str, code: int) -> None:
+    await ws.send_str(Refused(reason=reason).model_dump_json())
+    await ws.close(code=code, message=reason[:120].encode())
+
+
+async def close_all(app: web.Application) -> None:
+    """On router shutdown: close every agent's socket as "going away". Their jobs keep running and
+    their leases wait for the next router (router/queue.py recover)."""
+    for session in list(app[SESSIONS].remote()):
+        await session.disconnect()
 
 
 async def upload_artifact(request: web.Request) -> web.Response:

@@ -17,7 +17,10 @@ _CODES = {"required": "NotEmpty", "missing": "NotEmpty", "out_of_range": "Inclus
           "not_an_image": "InvalidImage", "not_installed": "NotFound", "unknown": "Unknown"}
 _FAILURE_CODES = {FailureKind.INVALID: "ValidationException", FailureKind.OUT_OF_MEMORY: "OutOfMemory",
                   FailureKind.EXECUTION: "ExecutionError", FailureKind.INTERRUPTED: "Cancelled",
-                  FailureKind.WORKER_LOST: "WorkerLost", FailureKind.TIMEOUT: "Timeout"}
+                  FailureKind.WORKER_LOST: "WorkerLost", FailureKind.INFRASTRUCTURE: "InfrastructureError",
+                  FailureKind.TIMEOUT: "Timeout", FailureKind.SHUTDOWN: "ShutDown",
+                  FailureKind.UNSCHEDULABLE: "Unschedulable"}
+_FAILURE_STATUS = {FailureKind.INVALID: 400, FailureKind.UNSCHEDULABLE: 503}  # else 500
 
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ def failure_status(error: dict[str, Any], field_names: dict[str, str]) -> tuple[
     errors = [FieldError(field_names.get(e["field"], e["field"]), e["message"], e.get("code", "invalid"))
               for e in error.get("errors", [])]
     message = "; ".join(f"{e.field}: {e.message}" for e in errors) or error.get("message", "failed")
-    return (400 if kind is FailureKind.INVALID else 500), response_status(_FAILURE_CODES[kind], message, errors)
+    return _FAILURE_STATUS.get(kind, 500), response_status(_FAILURE_CODES[kind], message, errors)
 
 
 @web.middleware

@@ -17,7 +17,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from gpugate.errors import FieldError
 
-from ..state import KEY, QUEUE
+from ..state import FINDER, KEY, OUTCOMES, QUEUE
+from ..events import CLOSING
 from ..store import Job, JobQuery, JobState, Key
 from .errors import ApiError, invalid
 from .public import base_url
@@ -42,8 +43,8 @@ def routes() -> list[web.RouteDef]:
 async def _find_job(request: web.Request) -> Job:
     """The caller's job named by jobId or refId; 400 without either, 404 if not theirs or unknown."""
     key: Key = request[KEY]
-    fields = {k.lower(): v for k, v in (await read_fields(request, 2**20)).items()}
-    queue = request.app[QUEUE]
+    fields = {k.lower(): v for k, v in (await read_fields(request)).items()}
+    finder = request.app[FINDER]
     if fields.get("jobid") not in (None, ""):
         try:
             job_id = int(fields["jobid"])
@@ -51,9 +52,9 @@ async def _find_job(request: web.Request) -> Job:
             raise invalid([FieldError("jobId", "must be a number")]) from None
         if not 0 < job_id < MAX_ID:
             raise invalid([FieldError("jobId", "no job has this id", "out_of_range")])
-        job = queue.get(job_id)
+        job = finder.get(job_id)
     elif fields.get("refid"):
-        job = queue.get_by_ref(key.id, str(fields["refid"]))
+        job = finder.get_by_ref(key.id, str(fields["refid"]))
     else:
         raise invalid([FieldError("jobId", "jobId or refId is required", "required")])
     if job is None or (job.key_id != key.id and not key.admin):
@@ -75,7 +76,7 @@ async def get_status(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     """Cancel a queued job (dropped) or a running one (stopped on its agent); both end Cancelled."""
     job = await _find_job(request)
-    if not await request.app[QUEUE].cancel(job, f"cancelled by key {request[KEY].id}"):
+    if not await request.app[OUTCOMES].cancel(job, f"cancelled by key {request[KEY].id}"):
         raise ApiError(409, "InvalidState", f"job {job.id} has already ended: {job.state}")
     return web.json_response(_status(request, job).body())
 
@@ -84,12 +85,12 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events for one job: its status now, on each progress, and when it ends (then the
     stream closes). Each event's data is the status body; the last one's event name is ``result``."""
     job = await _find_job(request)
-    queue = request.app[QUEUE]
+    queue, finder = request.app[QUEUE], request.app[FINDER]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
-    with queue.watch(job.id) as events, contextlib.suppress(ConnectionResetError):  # or the client left
-        job = queue.get(job.id) or job  # it may have finished before the watch began
+    with queue.events.watch(job.id) as events, contextlib.suppress(ConnectionResetError):  # or the client left
+        job = finder.get(job.id) or job  # it may have finished before the watch began
         if job.state in (JobState.QUEUED, JobState.STARTED):
             await _event(response, "progress", _status(request, job))
         while job.state in (JobState.QUEUED, JobState.STARTED):
@@ -101,6 +102,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 continue
             if isinstance(event, Job):
                 job = event
+            elif event is CLOSING:  # the router is stopping: the client reconnects to the next one
+                return response
             else:
                 await _event(response, "progress", _status(request, job))
         await _event(response, "result", _status(request, job))
@@ -138,11 +141,11 @@ def _timestamp(when: dt.datetime | None) -> float | None:
 
 async def query_jobs(request: web.Request) -> web.Response:
     """Jobs by refId, tag, key (admin only), state and date, newest first, live and archived."""
-    fields: dict[str, Any] = {k: v for k, v in (await read_fields(request, 2**20)).items() if v not in ("", None)}
+    fields: dict[str, Any] = {k: v for k, v in (await read_fields(request)).items() if v not in ("", None)}
     try:
         filters = JobFilter.model_validate(fields)
     except ValidationError as exc:
         raise invalid([FieldError(".".join(map(str, e["loc"])) or "query", e["msg"]) for e in exc.errors()]) from None
-    jobs = request.app[QUEUE].find(filters.query(request[KEY]))
+    jobs = request.app[FINDER].find(filters.query(request[KEY]))
     base = base_url(request)
     return web.json_response(JobsResponse(jobs=[JobSummary.of(j, base) for j in jobs]).body())

@@ -11,10 +11,10 @@ from gpugate.errors import FieldError
 
 from ..artifacts import Intake
 from ..callbacks import reply_to_problem
-from ..state import ARTIFACTS, CATALOG, KEY, QUEUE, SETTINGS
+from ..state import ARTIFACTS, CATALOG, FINDER, KEY, QUEUE, RETENTION, SETTINGS
 from ..store import DuplicateRefId, Job, JobState, Key
 from .errors import ApiError, invalid
-from .requests import APIS, ApiRequest, Echo, Upload, parse, read_fields
+from .requests import APIS, ApiRequest, Echo, Limits, Upload, parse, read_fields
 from .responses import ErrorResponse, GenerationResponse, QueueResponse, failure_of, results_of, status_kind
 
 
@@ -31,11 +31,13 @@ def routes(echo: bool) -> list[web.RouteDef]:
 def _generation(model: type[ApiRequest], *, sync: bool):  # noqa: ANN202 - an aiohttp handler
     async def handle(request: web.Request) -> web.Response:
         app, key = request.app, request[KEY]
+        if request.content_type == "multipart/form-data" and (problem := app[RETENTION].disk_problem()):
+            raise ApiError(507, "InsufficientStorage", problem)
         async with app[ARTIFACTS].intake() as intake:  # uploads not kept by a submitted job are removed
-            fields = await read_fields(request, int(app[SETTINGS].router.max_upload_mb * 2**20), intake)
+            fields = await read_fields(request, Limits.of(app[SETTINGS].router), intake)
             job = await _submit(request, model, parse(model, fields), key, intake)
         if sync:
-            finished = await app[QUEUE].wait_finished(job.id, app[SETTINGS].router.sync_timeout_s)
+            finished = await app[QUEUE].wait_finished(job, app[SETTINGS].router.sync_timeout_s)
             if finished is not None:
                 return _finished_response(request, model, finished)
         return web.json_response(_reference(request, job).body())
@@ -61,10 +63,10 @@ async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequ
         return app[QUEUE].submit(job)
     except DuplicateRefId:  # a retried request: the job it already made is the answer, with its own files
         await app[ARTIFACTS].remove(inputs.values())
-        existing = app[QUEUE].get_by_ref(key.id, parsed.ref_id or "")
+        existing = app[FINDER].get_by_ref(key.id, parsed.ref_id or "")
         if existing is None or existing.api != job.api:
             raise invalid([FieldError("refId", "is already used by another request")]) from None
-        return app[QUEUE].get(existing.id) or existing
+        return existing
 
 
 def _reference(request: web.Request, job: Job) -> QueueResponse:

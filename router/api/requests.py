@@ -6,6 +6,7 @@ the agent capability, its parameters, uploaded files, the model file and the out
 
 from __future__ import annotations
 
+import errno
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     AliasGenerator,
     BaseModel,
@@ -31,6 +33,7 @@ from gpugate.errors import FieldError
 from gpugate.images import ImageInfo, probe_image
 
 from gpugate.catalog import Catalog
+from gpugate.settings import Router as RouterSettings
 
 from ..artifacts import Intake, Received
 from .errors import ApiError, invalid
@@ -197,11 +200,28 @@ class Echo(ApiRequest):
 # ---- speech ------------------------------------------------------------------------------------
 
 
+# The languages Whisper knows (faster_whisper.tokenizer._LANGUAGE_CODES), as its ISO 639 codes.
+WHISPER_LANGUAGES = frozenset("""
+af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha haw he hi hr ht hu hy id is it
+ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr ms mt my ne nl nn no oc pa pl ps pt ro ru sa sd si sk sl sn so
+sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue""".split())
+
+
+def _language(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    code = value.strip().lower()
+    if code not in WHISPER_LANGUAGES:
+        raise ValueError(f"{value!r} is not a language Whisper knows; use an ISO 639-1 code such as en, de, fr, es, "
+                         "ja, zh (or leave it out to detect it)")
+    return code
+
+
 class SpeechToText(ApiRequest):
     results: ClassVar[str] = "text"
     audio: MediaFile
     model: str | None = None  # a whisper model: tiny.en, base, small, ...
-    language: str | None = None  # detected when not given
+    language: Annotated[str | None, AfterValidator(_language)] = None  # detected when not given
 
     def job(self, catalog: Catalog) -> JobSpec:
         model = _model(catalog, self.model, "whisper")
@@ -352,24 +372,53 @@ APIS: dict[str, type[ApiRequest]] = {cls.__name__: cls for cls in (
     TrimVideo, ConvertVideo, WatermarkVideo, ConvertAudio, ScaleImage, CropImage, ConvertImage, WatermarkImage)}
 
 
-async def read_fields(request: web.Request, max_bytes: int, intake: Intake | None = None) -> dict[str, Any]:
+MB = 2**20
+FIELDS_MAX = MB  # all text parts of one multipart request together
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of a request the router reads: per file part, in all, and how many parts."""
+
+    file_bytes: int = 0  # 0: this call takes no files
+    total_bytes: int = FIELDS_MAX
+    parts: int = 32
+
+    @classmethod
+    def of(cls, router: RouterSettings) -> Limits:
+        return cls(int(router.max_upload_mb * MB), int(router.request_limit_mb * MB), router.max_parts)
+
+
+async def read_fields(request: web.Request, limits: Limits = Limits(), intake: Intake | None = None) -> dict[str, Any]:
     """The request's fields from JSON, a form or multipart, or the query. File parts are received
-    into ``intake`` (streamed to disk, see router/artifacts.py); without one they are refused."""
+    into ``intake`` (streamed to disk, see router/artifacts.py); without one they are refused. A
+    multipart body is read within ``limits``: 413 naming the limit as soon as one is passed."""
     if request.content_type == "multipart/form-data":
+        if request.content_length is not None and request.content_length > limits.total_bytes:
+            raise _too_large(limits)
+        budget = _Budget(limits)
         fields: dict[str, Any] = {}
         try:
             reader = await request.multipart()
             async for part in reader:
                 if not isinstance(part, BodyPartReader) or part.name is None:
                     continue
+                budget.parts += 1
+                if budget.parts > limits.parts:
+                    raise ApiError(413, "RequestEntityTooLarge", f"the request has more than {limits.parts} parts")
                 if part.filename is None:
-                    fields[part.name] = b"".join([c async for c in _chunks(part, max_bytes)]).decode("utf-8", "replace")
-                elif intake is None:
+                    text = b"".join([c async for c in budget.chunks(part, text=True)])
+                    fields[part.name] = text.decode("utf-8", "replace")
+                elif intake is None or not limits.file_bytes:
                     raise ApiError(400, "SerializationException", f"{part.name}: this call takes no files")
                 else:
-                    fields[part.name] = await intake.receive(_chunks(part, max_bytes))
+                    fields[part.name] = await intake.receive(budget.chunks(part, text=False))
         except (BadHttpMessage, ValueError, AssertionError) as exc:  # aiohttp's parser on a broken body
             raise ApiError(400, "SerializationException", f"the multipart body is malformed: {exc}") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ApiError(507, "InsufficientStorage", "the router's file store is full; try again later") from None
+            raise
         return fields
     if request.content_type == "application/x-www-form-urlencoded":
         return dict(await request.post())
@@ -384,18 +433,37 @@ async def read_fields(request: web.Request, max_bytes: int, intake: Intake | Non
     return dict(request.query)
 
 
-async def _chunks(part: BodyPartReader, max_bytes: int) -> AsyncIterator[bytes]:
-    """A part's bytes in large chunks, refused as soon as they pass ``max_bytes``.
+def _too_large(limits: Limits) -> ApiError:
+    return ApiError(413, "RequestEntityTooLarge", f"the request is larger than {limits.total_bytes / MB:g} MB in all")
 
-    aiohttp's ``part.read()`` scans for the boundary 8 KiB at a time; 4 MiB chunks ingest a 10 MB
-    upload in 17 ms instead of 25 ms here (measured while tracing bench/media.py's ConvertAudio).
-    """
-    size = 0
-    while chunk := await part.read_chunk(2**22):
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(413, "RequestEntityTooLarge", f"{part.name}: larger than {max_bytes // 2**20} MB")
-        yield chunk
+
+class _Budget:
+    """What one request has used of its limits so far."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits, self.total, self.text, self.parts = limits, 0, 0, 0
+
+    async def chunks(self, part: BodyPartReader, *, text: bool) -> AsyncIterator[bytes]:
+        """A part's bytes in large chunks, refused as soon as they pass a limit.
+
+        aiohttp's ``part.read()`` scans for the boundary 8 KiB at a time; 4 MiB chunks ingest a 10 MB
+        upload in 17 ms instead of 25 ms here (measured while tracing bench/media.py's ConvertAudio).
+        """
+        size = 0
+        while chunk := await part.read_chunk(2**22):
+            size += len(chunk)
+            self.total += len(chunk)
+            if text:
+                self.text += len(chunk)
+                if self.text > FIELDS_MAX:
+                    raise ApiError(413, "RequestEntityTooLarge",
+                                   f"{part.name}: the text fields are larger than {FIELDS_MAX // MB} MB in all")
+            elif size > self.limits.file_bytes:
+                raise ApiError(413, "RequestEntityTooLarge",
+                               f"{part.name}: larger than {self.limits.file_bytes / MB:g} MB")
+            if self.total > self.limits.total_bytes:
+                raise _too_large(self.limits)
+            yield chunk
 
 
 def parse(model: type[ApiRequest], fields: dict[str, Any]) -> ApiRequest:

@@ -204,6 +204,8 @@ class AgentInfo(_Response):
     running: list[int]  # job ids
     capabilities: list[str]
     models: int
+    paused: str | None = None  # why it takes no jobs for now (infrastructure failures in a row)
+    draining: bool = False  # shutting down: finishing its jobs, taking no more
 
 
 class Dashboard(_Response):
@@ -214,6 +216,7 @@ class Dashboard(_Response):
     running: int
     recent: list[JobSummary]
     throughput: list[int]
+    problems: list[str] = Field(default_factory=list)  # what an operator must fix (the disk filling up)
 
 
 class KeyInfo(_Response):

@@ -1,19 +1,26 @@
-"""The router's durable state behind a narrow interface: jobs, callback deliveries and API keys.
+"""The router's durable state behind a narrow interface: jobs and their leases, the files they
+own, refIds, callback deliveries and API keys.
 
-Only :mod:`router.queue` (jobs), :mod:`router.callbacks` (deliveries), :mod:`router.archive`
-(moving finished jobs out) and :mod:`router.keys` (keys) call it. Every state change of a job
-is one conditional statement (``WHERE state = ... AND attempt = ...``), so a claim is atomic and
-a late answer from an agent that lost its claim changes nothing. :mod:`.sqlite` is the default
-backend; another (PostgreSQL) implements the same protocol.
+Only :mod:`router.queue` (jobs), :mod:`router.retention` (files), :mod:`router.callbacks`
+(deliveries), :mod:`router.archive` (moving finished jobs out) and :mod:`router.keys` (keys) call
+it. Every state change of a job is one conditional statement (``WHERE state = ... AND attempt =
+...``), so a claim is atomic and a late answer from an agent that lost its claim changes nothing.
+
+Who runs a job is one fact, its lease: ``(attempt, session, lease_expires)`` on the job's row. The
+session is the agent connection that holds it; ``lease_expires`` is None while that connection is
+up, and set when it closes (or when the router starts), so the agent has until then to come back
+and claim the job again (wire.Hello.held). :mod:`.sqlite` is the default backend; another
+(PostgreSQL) implements the same protocol.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 
-class JobState:
+class JobState(StrEnum):
     """AI Server's job states (``jobState`` on the wire)."""
 
     QUEUED = "Queued"
@@ -38,10 +45,13 @@ class Job:
     tag: str | None = None
     reply_to: str | None = None
     base_url: str | None = None  # where the client reached the router: its callback's URLs use it
-    state: str = JobState.QUEUED
-    attempt: int = 0
-    agent: str | None = None
-    excluded: list[str] = field(default_factory=list)
+    state: JobState = JobState.QUEUED
+    attempt: int = 0  # claims so far: the lease's attempt number
+    failures: int = 0  # failed attempts that counted against max_attempts
+    agent: str | None = None  # the name of the agent that runs (or ran) it
+    session: str | None = None  # the agent session holding the lease while Started
+    lease_expires: float | None = None  # when a lease whose session is gone is given up
+    avoid: list[str] = field(default_factory=list)  # agents that lost it: preferred last, never banned
     min_free_vram: int = 0
     results: dict[str, Any] | None = None  # {"artifacts": [...], "texts": [...]}
     error: dict[str, Any] | None = None
@@ -97,16 +107,27 @@ class DuplicateRefId(Exception):
 
 
 class Store(Protocol):
+    # jobs and their leases
     def add_job(self, job: Job) -> Job: ...
     def get_job(self, job_id: int) -> Job | None: ...
-    def get_job_by_ref(self, key_id: int | None, ref_id: str) -> Job | None: ...
+    def job_id_by_ref(self, key_id: int | None, ref_id: str) -> int | None: ...
     def unfinished_jobs(self) -> list[Job]: ...
-    def claim(self, job_id: int, agent: str, attempt: int, now: float) -> bool: ...
-    def requeue(self, job: Job, now: float) -> bool: ...
+    def claim(self, job: Job, agent: str, session: str, now: float) -> bool: ...
+    def requeue(self, job: Job) -> bool: ...
     def finish(self, job: Job, now: float, delivery: Delivery | None = None) -> bool: ...
+    def set_lease_expiry(self, job: Job, expires: float | None) -> bool: ...
+    def move_lease(self, job: Job, session: str) -> bool: ...
     def find_jobs(self, query: JobQuery) -> list[Job]: ...
     def finished_before(self, when: float, limit: int) -> list[Job]: ...
     def forget_jobs(self, job_ids: list[int]) -> None: ...
+    # refIds outlive the jobs (archived or not) they name
+    def needs_backfill(self) -> bool: ...
+    def backfill(self, jobs: list[Job]) -> None: ...
+    def mark_current(self) -> None: ...
+    # files the jobs own (inputs and outputs), for retention
+    def owned_files(self, names: list[str]) -> set[str]: ...
+    def expired_files(self, finished_before: float, limit: int) -> list[str]: ...
+    def forget_files(self, names: list[str]) -> None: ...
     def due_deliveries(self, now: float, limit: int) -> list[Delivery]: ...
     def next_delivery_at(self) -> float | None: ...
     def update_delivery(self, delivery: Delivery) -> None: ...

@@ -5,6 +5,10 @@ crash or kill of the router loses nothing; only a power cut can undo the latest 
 operator who needs that too sets ``PRAGMA synchronous=FULL`` at the cost of an fsync per change).
 Calls run on the event loop's thread: each is a few tens of microseconds, less than a hand-off to
 a worker thread would cost (see bench/router.py).
+
+Files made by earlier versions are brought up to date when opened: missing columns are added, and
+the refs and files tables (version 2) are filled from the jobs they hold (``backfill`` does the
+same for archived jobs; router/archive.py).
 """
 
 from __future__ import annotations
@@ -12,27 +16,37 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key
 
+SCHEMA_VERSION = 2  # PRAGMA user_version: 2 = leases, refs and files
 JOBS_TABLE = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     api TEXT NOT NULL, capability TEXT NOT NULL, params TEXT NOT NULL, inputs TEXT NOT NULL,
     model TEXT, megapixels REAL NOT NULL, max_attempts INTEGER NOT NULL,
     key_id INTEGER, ref_id TEXT, tag TEXT, reply_to TEXT, base_url TEXT,
-    state TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, agent TEXT,
-    excluded TEXT NOT NULL DEFAULT '[]', min_free_vram INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0, agent TEXT,
+    session TEXT, lease_expires REAL, avoid TEXT NOT NULL DEFAULT '[]', min_free_vram INTEGER NOT NULL DEFAULT 0,
     results TEXT, error TEXT, created REAL NOT NULL, started REAL, finished REAL
 );
 """
 SCHEMA = JOBS_TABLE + """
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_ref ON jobs (coalesce(key_id, 0), ref_id) WHERE ref_id IS NOT NULL;
+DROP INDEX IF EXISTS jobs_ref;
+CREATE INDEX IF NOT EXISTS jobs_ref_id ON jobs (ref_id) WHERE ref_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state) WHERE state IN ('Queued', 'Started');
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished) WHERE finished IS NOT NULL;
+CREATE TABLE IF NOT EXISTS refs (
+    key_id INTEGER NOT NULL, ref_id TEXT NOT NULL, job_id INTEGER NOT NULL, PRIMARY KEY (key_id, ref_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS files (
+    name TEXT PRIMARY KEY, job_id INTEGER NOT NULL, finished REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_job ON files (job_id);
+CREATE INDEX IF NOT EXISTS files_finished ON files (finished) WHERE finished IS NOT NULL;
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, digest TEXT NOT NULL UNIQUE,
     prefix TEXT NOT NULL, apis TEXT, admin INTEGER NOT NULL, created REAL NOT NULL,
@@ -47,9 +61,12 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 
 """
 
 JOB_COLUMNS = ("api", "capability", "params", "inputs", "model", "megapixels", "max_attempts", "key_id", "ref_id",
-                "tag", "reply_to", "base_url", "state", "attempt", "agent", "excluded", "min_free_vram", "results", "error",
-                "created", "started", "finished")
-_JSON = {"params", "inputs", "excluded", "results", "error"}
+               "tag", "reply_to", "base_url", "state", "attempt", "failures", "agent", "session", "lease_expires",
+               "avoid", "min_free_vram", "results", "error", "created", "started", "finished")
+# columns newer than the first stores and archives, added when such a file is opened
+ADDED_JOB_COLUMNS = {"base_url": "TEXT", "failures": "INTEGER NOT NULL DEFAULT 0", "session": "TEXT",
+                     "lease_expires": "REAL", "avoid": "TEXT NOT NULL DEFAULT '[]'"}
+_JSON = {"params", "inputs", "avoid", "results", "error"}
 _DELIVERY_COLUMNS = ("job_id", "key_id", "url", "webhook_id", "body", "created", "attempts", "next_at", "state",
                      "last_error")
 
@@ -62,8 +79,10 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")  # `gpugate keys` may write while the router runs
+        add_missing_columns(self._db, {"jobs": ADDED_JOB_COLUMNS, "api_keys": {"webhook_secret": "TEXT"}})
         self._db.executescript(SCHEMA)
-        add_missing_columns(self._db, {"api_keys": {"webhook_secret": "TEXT"}, "jobs": ADDED_JOB_COLUMNS})
+        if self.needs_backfill():
+            self.backfill(self.find_jobs(JobQuery(limit=2**62)))
 
     def close(self) -> None:
         self._db.close()
@@ -71,55 +90,82 @@ class SqliteStore:
     # ---- jobs ------------------------------------------------------------------------------------
 
     def add_job(self, job: Job) -> Job:
+        """Insert a queued job with its refId and input files, in one transaction."""
         values = [encode(c, getattr(job, c)) for c in JOB_COLUMNS]
-        try:
+        with self._transaction():
             cur = self._db.execute(
                 f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})", values)
-        except sqlite3.IntegrityError as exc:
-            raise DuplicateRefId(job.ref_id) from exc
-        job.id = cur.lastrowid or 0
+            job.id = cur.lastrowid or 0
+            if job.ref_id is not None:
+                try:
+                    self._db.execute("INSERT INTO refs (key_id, ref_id, job_id) VALUES (?, ?, ?)",
+                                     (job.key_id or 0, job.ref_id, job.id))
+                except sqlite3.IntegrityError as exc:
+                    raise DuplicateRefId(job.ref_id) from exc
+            self._db.executemany("INSERT OR IGNORE INTO files (name, job_id) VALUES (?, ?)",
+                                 [(name, job.id) for name in job.inputs.values()])
         return job
 
     def get_job(self, job_id: int) -> Job | None:
         return job_of(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
-    def get_job_by_ref(self, key_id: int | None, ref_id: str) -> Job | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE coalesce(key_id, 0) = ? AND ref_id = ?",
-                               (key_id or 0, ref_id)).fetchone()
-        return job_of(row)
+    def job_id_by_ref(self, key_id: int | None, ref_id: str) -> int | None:
+        row = self._db.execute("SELECT job_id FROM refs WHERE key_id = ? AND ref_id = ?", (key_id or 0, ref_id)).fetchone()
+        return row[0] if row else None
 
     def unfinished_jobs(self) -> list[Job]:
         rows = self._db.execute("SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY id", (JobState.QUEUED, JobState.STARTED))
         return [j for j in map(job_of, rows) if j is not None]
 
-    def claim(self, job_id: int, agent: str, attempt: int, now: float) -> bool:
+    def claim(self, job: Job, agent: str, session: str, now: float) -> bool:
+        """Give the next attempt of a queued job to ``session``; False if it is no longer queued."""
         cur = self._db.execute(
-            "UPDATE jobs SET state = ?, agent = ?, attempt = ?, started = ? WHERE id = ? AND state = ?",
-            (JobState.STARTED, agent, attempt, now, job_id, JobState.QUEUED))
+            "UPDATE jobs SET state = ?, agent = ?, session = ?, lease_expires = NULL, attempt = attempt + 1, started = ? "
+            "WHERE id = ? AND state = ? AND attempt = ?",
+            (JobState.STARTED, agent, session, now, job.id, JobState.QUEUED, job.attempt))
         return cur.rowcount == 1
 
-    def requeue(self, job: Job, now: float) -> bool:
+    def requeue(self, job: Job) -> bool:
+        """Queue a running attempt again (with what the retry policy decided); only that attempt can."""
         cur = self._db.execute(
-            "UPDATE jobs SET state = ?, agent = NULL, excluded = ?, min_free_vram = ? "
-            "WHERE id = ? AND state = ? AND attempt = ?",
-            (JobState.QUEUED, json.dumps(job.excluded), job.min_free_vram, job.id, JobState.STARTED, job.attempt))
+            "UPDATE jobs SET state = ?, agent = NULL, session = NULL, lease_expires = NULL, avoid = ?, "
+            "min_free_vram = ?, failures = ? WHERE id = ? AND state = ? AND attempt = ?",
+            (JobState.QUEUED, json.dumps(job.avoid), job.min_free_vram, job.failures, job.id, JobState.STARTED,
+             job.attempt))
         return cur.rowcount == 1
 
     def finish(self, job: Job, now: float, delivery: Delivery | None = None) -> bool:
-        """Record a final state, and its callback in the same transaction; only the attempt that holds
-        the job (or a queued job) can."""
+        """Record a final state, its output files and its callback in one transaction; only the
+        attempt that holds the job (or a queued job) can."""
         with self._transaction():
             cur = self._db.execute(
-                "UPDATE jobs SET state = ?, results = ?, error = ?, finished = ? "
+                "UPDATE jobs SET state = ?, results = ?, error = ?, finished = ?, lease_expires = NULL, failures = ? "
                 "WHERE id = ? AND attempt = ? AND state IN (?, ?)",
-                (job.state, encode("results", job.results), encode("error", job.error), now, job.id, job.attempt,
-                 JobState.QUEUED, JobState.STARTED))
-            if cur.rowcount == 1 and delivery is not None:
+                (job.state, encode("results", job.results), encode("error", job.error), now, job.failures, job.id,
+                 job.attempt, JobState.QUEUED, JobState.STARTED))
+            if cur.rowcount != 1:
+                return False
+            self._db.executemany("INSERT OR IGNORE INTO files (name, job_id) VALUES (?, ?)",
+                                 [(name, job.id) for name in outputs_of(job)])
+            self._db.execute("UPDATE files SET finished = ? WHERE job_id = ?", (now, job.id))
+            if delivery is not None:
                 values = [getattr(delivery, c) for c in _DELIVERY_COLUMNS]
                 delivery.id = self._db.execute(
                     f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) VALUES ({', '.join('?' * len(values))})",
                     values).lastrowid or 0
-        return cur.rowcount == 1
+        return True
+
+    def set_lease_expiry(self, job: Job, expires: float | None) -> bool:
+        """Start (or stop) the clock on the lease ``job.session`` holds on ``job.attempt``."""
+        return self._db.execute(
+            "UPDATE jobs SET lease_expires = ? WHERE id = ? AND attempt = ? AND session = ? AND state = ?",
+            (expires, job.id, job.attempt, job.session, JobState.STARTED)).rowcount == 1
+
+    def move_lease(self, job: Job, session: str) -> bool:
+        """Hand the lease ``job.session`` holds on ``job.attempt`` to ``session`` (an agent came back)."""
+        return self._db.execute(
+            "UPDATE jobs SET session = ?, lease_expires = NULL WHERE id = ? AND attempt = ? AND session = ? AND state = ?",
+            (session, job.id, job.attempt, job.session, JobState.STARTED)).rowcount == 1
 
     def find_jobs(self, query: JobQuery) -> list[Job]:
         return find_jobs(self._db, query)
@@ -132,6 +178,44 @@ class SqliteStore:
     def forget_jobs(self, job_ids: list[int]) -> None:
         with self._transaction():
             self._db.executemany("DELETE FROM jobs WHERE id = ? AND finished IS NOT NULL", [(i,) for i in job_ids])
+
+    # ---- refIds and files of jobs made by earlier versions -------------------------------------------
+
+    def needs_backfill(self) -> bool:
+        return self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION
+
+    def backfill(self, jobs: Iterable[Job]) -> None:
+        """Record the refIds and files of jobs stored before they were kept apart (idempotent)."""
+        jobs = list(jobs)
+        with self._transaction():
+            self._db.executemany("INSERT OR IGNORE INTO refs (key_id, ref_id, job_id) VALUES (?, ?, ?)",
+                                 [(j.key_id or 0, j.ref_id, j.id) for j in jobs if j.ref_id is not None])
+            self._db.executemany("INSERT OR IGNORE INTO files (name, job_id, finished) VALUES (?, ?, ?)",
+                                 [(name, j.id, j.finished) for j in jobs
+                                  for name in (*j.inputs.values(), *outputs_of(j))])
+
+    def mark_current(self) -> None:
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # ---- files the jobs own ------------------------------------------------------------------------
+
+    def owned_files(self, names: list[str]) -> set[str]:
+        """Which of ``names`` belong to a job (the rest are orphans)."""
+        found: set[str] = set()
+        for start in range(0, len(names), 500):
+            batch = names[start:start + 500]
+            rows = self._db.execute(f"SELECT name FROM files WHERE name IN ({', '.join('?' * len(batch))})", batch)
+            found.update(r[0] for r in rows)
+        return found
+
+    def expired_files(self, finished_before: float, limit: int) -> list[str]:
+        rows = self._db.execute("SELECT name FROM files WHERE finished IS NOT NULL AND finished < ? LIMIT ?",
+                                (finished_before, limit))
+        return [r[0] for r in rows]
+
+    def forget_files(self, names: list[str]) -> None:
+        with self._transaction():
+            self._db.executemany("DELETE FROM files WHERE name = ?", [(n,) for n in names])
 
     # ---- callback deliveries -----------------------------------------------------------------------
 
@@ -174,7 +258,6 @@ class SqliteStore:
     def revoke_key(self, key_id: int) -> bool:
         return self._db.execute("UPDATE api_keys SET revoked = 1 WHERE id = ? AND revoked = 0", (key_id,)).rowcount == 1
 
-
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")
@@ -186,15 +269,17 @@ class SqliteStore:
         self._db.execute("COMMIT")
 
 
-ADDED_JOB_COLUMNS = {"base_url": "TEXT"}  # columns newer than the first stores and archives
+def outputs_of(job: Job) -> list[str]:
+    """The stored names of a job's output files."""
+    return [a["name"] for a in (job.results or {}).get("artifacts", [])]
 
 
 def add_missing_columns(db: sqlite3.Connection, tables: dict[str, dict[str, str]]) -> None:
-    """Bring a file made by an earlier gpugate up to date: add the columns it lacks."""
+    """Bring a file made by an earlier gpugate up to date: add the columns it lacks (to tables it has)."""
     for table, columns in tables.items():
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         for name, kind in columns.items():
-            if name not in have:
+            if have and name not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
@@ -226,7 +311,9 @@ def job_of(row: sqlite3.Row | None) -> Job | None:
         return None
     present = set(row.keys())
     data = {c: (json.loads(row[c]) if c in _JSON and row[c] is not None else row[c]) for c in JOB_COLUMNS if c in present}
-    return Job(id=row["id"], **data)
+    if "avoid" not in present and "excluded" in present:  # the name before exclusion became a preference
+        data["avoid"] = json.loads(row["excluded"] or "[]")
+    return Job(id=row["id"], **{**data, "state": JobState(data["state"])})
 
 
 def _key(row: sqlite3.Row) -> Key:

@@ -113,6 +113,7 @@ const gb = (bytes) => `${(bytes / 2 ** 30).toFixed(1)} GB`;
 const seconds = (job) => job.finished ? `${((new Date(job.finished) - new Date(job.queued)) / 1000).toFixed(2)} s` : "";
 
 function renderDashboard(data) {
+  $("#problems").replaceChildren(...(data.problems || []).map((problem) => el("p", { class: "problem", text: problem })));
   const waiting = Object.entries(data.queue);
   $("#queue").replaceChildren(el("p", { text: `${waiting.reduce((n, [, c]) => n + c, 0)} waiting, ${data.running} running` }),
     ...waiting.map(([name, count]) => el("div", { text: `${name}: ${count}` })));
@@ -136,7 +137,10 @@ function agentCard(agent) {
     return el("div", {}, el("div", { text: `${agent.cpuOnly ? "CPU" : `GPU ${d.index}`}: ${d.name} — ${gb(d.vramFree)} free of ${gb(d.vramTotal)}` }),
       el("div", { class: "bar", title: `${used.toFixed(0)}% used` }, el("div", { style: `width: ${used}%` })));
   });
-  return el("div", { class: "card agent", "data-name": agent.name }, el("h2", { text: agent.name }), ...devices,
+  const state = agent.paused ? el("div", { class: "problem", text: `paused: ${agent.paused}` })
+    : agent.draining ? el("div", { class: "muted", text: "shutting down: finishing its jobs" }) : "";
+  return el("div", { class: `card agent${agent.paused ? " unhealthy" : ""}`, "data-name": agent.name },
+    el("h2", { text: agent.name }), state, ...devices,
     el("div", { class: "muted", text: `loaded: ${agent.loaded.join(", ") || "nothing"}` }),
     el("div", { class: "muted", text: `running: ${agent.running.map((id) => `#${id}`).join(", ") || "idle"}` }),
     el("div", { class: "muted", text: `${agent.models} models · ${agent.capabilities.join(", ")}` }));

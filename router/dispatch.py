@@ -1,0 +1,89 @@
+"""Handing queued jobs to agents: whenever something changed (a job, a free slot, an agent joining,
+leaving or reporting), each queued job in order is placed by the scheduler (router/scheduler.py),
+claimed in the store and sent to the agent.
+
+A job that no connected agent can take (no agent has its model, none has the memory, none can run
+it; not merely all busy) waits with that reason in its status; after ``unplaceable_timeout_s`` of
+that it ends Failed with the reason, so nothing waits forever unseen (0: wait forever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from gpugate.errors import FailureKind
+from gpugate.wire import Failure, JobOffer
+
+from .queue import JobQueue
+from .scheduler import JobNeeds, Unplaceable, choose
+from .sessions import AgentSession, SessionRegistry
+from .store import JobState
+
+log = logging.getLogger(__name__)
+RETRY_S = 1.0  # after a failing pass (the store busy, say)
+TICK_S = 1.0  # a pass at least this often while jobs wait: reasons and time limits move on
+
+
+class Dispatcher:
+    def __init__(self, queue: JobQueue, sessions: SessionRegistry, unplaceable_timeout_s: float) -> None:
+        self.queue, self.sessions = queue, sessions
+        self.unplaceable_timeout_s = unplaceable_timeout_s
+        self._unplaceable_since: dict[int, float] = {}
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_S if self.queue.waiting_reason else None)
+            self._wake.clear()
+            try:
+                await self.dispatch(time.time())
+            except Exception:  # the store failing, say: the jobs are kept; try again shortly
+                log.exception("dispatch failed; retrying")
+                await asyncio.sleep(RETRY_S)
+                self._wake.set()
+
+    async def dispatch(self, now: float) -> None:
+        """One pass over the queued jobs, oldest first."""
+        offers: list[tuple[AgentSession, JobOffer]] = []
+        running = self.queue.running_by_session()
+        for job in self.queue.queued():
+            needs = JobNeeds(job.capability, job.model, job.megapixels, job.min_free_vram, frozenset(job.avoid))
+            choice = choose(needs, self.sessions.views(running, now))
+            if isinstance(choice, Unplaceable):
+                self._waits(job.id, choice, now)
+                continue
+            self._unplaceable_since.pop(job.id, None)
+            session = self.sessions.sessions[choice.name]
+            if not self.queue.claim(job, session.name, session.id):
+                continue  # finished meanwhile (cancelled, say)
+            session.slots -= 1
+            running[session.id] += 1
+            offers.append((session, JobOffer(job_id=job.id, attempt=job.attempt, capability=job.capability,
+                                             params=job.params, inputs=job.inputs)))
+        for session, offer in offers:
+            try:
+                await session.send(offer)
+                log.info("job sent", extra={"job": offer.job_id, "agent": session.name, "attempt": offer.attempt})
+            except (ConnectionError, RuntimeError) as exc:  # closing: its lease clock starts when it is gone
+                log.warning("job not sent", extra={"job": offer.job_id, "agent": session.name, "error": str(exc)})
+        for job_id in [j for j in self._unplaceable_since if j not in self.queue.live]:
+            del self._unplaceable_since[job_id]
+
+    def _waits(self, job_id: int, why: Unplaceable, now: float) -> None:
+        job = self.queue.live[job_id]
+        self.queue.waiting_reason[job_id] = why.reason
+        if why.busy:
+            self._unplaceable_since.pop(job_id, None)
+            return
+        since = self._unplaceable_since.setdefault(job_id, now)
+        if self.unplaceable_timeout_s and now - since >= self.unplaceable_timeout_s and job.state == JobState.QUEUED:
+            message = f"no connected agent could take it for {now - since:.0f}s: {why.reason}"
+            log.warning("job unschedulable", extra={"job": job_id, "error": message})
+            self.queue.finish(job, JobState.FAILED, Failure(kind=FailureKind.UNSCHEDULABLE, message=message))

@@ -1,0 +1,122 @@
+"""What agents' answers and absences do to jobs: the lease-holder's answers, resumed and lost
+leases, cancels. Each decision is router/retry.py's; the change is router/queue.py's.
+
+- An answer counts only from the session that holds the job's lease on that attempt; any other
+  (a replaced session, an attempt queued again meanwhile, a cancelled job) changes nothing, and
+  the files it names that no job owns are deleted at once.
+- A closed connection is not yet a lost job: its leases get ``lease_grace_s`` for the agent to
+  come back (a router restart, a network blip) and list them in its hello. A lease that runs out,
+  or that an agent restarted without (a new process under the same name), is a lost attempt.
+- An agent's record (router/sessions.py AgentHealth) counts infrastructure failures in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from gpugate.errors import FailureKind
+from gpugate.wire import Done, Failed, Failure, HeldJob, Progress, StopJob
+
+from .queue import JobQueue
+from .retention import Retention
+from .retry import after_failure
+from .sessions import AgentSession, SessionRegistry
+from .store import Job, JobState
+
+log = logging.getLogger(__name__)
+
+
+class Outcomes:
+    def __init__(self, queue: JobQueue, sessions: SessionRegistry, retention: Retention, lease_grace_s: float) -> None:
+        self.queue, self.sessions, self.retention = queue, sessions, retention
+        self.lease_grace_s = lease_grace_s
+
+    # ---- answers from the session holding the lease ---------------------------------------------
+
+    def progress(self, session: AgentSession, message: Progress) -> None:
+        job = self.queue.held(session.id, message.job_id, message.attempt)
+        if job is not None:
+            self.queue.set_progress(job, message)
+
+    async def done(self, session: AgentSession, message: Done) -> None:
+        job = self.queue.held(session.id, message.job_id, message.attempt)
+        if job is None:
+            self._stale(session, message.job_id, message.attempt)
+            await self.retention.discard_unowned([a.name for a in message.artifacts])
+            return
+        job.results = {"artifacts": [a.model_dump() for a in message.artifacts], "texts": message.texts,
+                       "details": message.details}
+        self.sessions.record(session.name, None, "", time.time())
+        self.queue.finish(job, JobState.COMPLETED)
+
+    def failed(self, session: AgentSession, message: Failed) -> None:
+        job = self.queue.held(session.id, message.job_id, message.attempt)
+        if job is None:
+            self._stale(session, message.job_id, message.attempt)
+            return
+        self.sessions.record(session.name, message.failure.kind, message.failure.message, time.time())
+        self._after(job, message.failure, session.free_vram)
+
+    def _stale(self, session: AgentSession, job_id: int, attempt: int) -> None:
+        log.info("answer from a session that does not hold the job; ignored",
+                 extra={"job": job_id, "attempt": attempt, "agent": session.name})
+
+    # ---- sessions coming and going ---------------------------------------------------------------
+
+    def resume(self, session: AgentSession, held: list[HeldJob]) -> tuple[list[int], list[int]]:
+        """A (re)connected agent's held jobs: (resumed, dropped). A lease still held by the session it
+        names moves to this one; any other is dropped (the job ended or went elsewhere meanwhile).
+        Jobs an earlier session of this agent held that it did not list are lost with that session."""
+        resumed, dropped = [], []
+        for h in held:
+            job = self.queue.live.get(h.job_id)
+            same_lease = job is not None and self.queue.held(h.session, h.job_id, h.attempt) is job
+            if same_lease and self.queue.move_lease(job, session.id):  # type: ignore[arg-type]
+                resumed.append(h.job_id)
+            else:
+                dropped.append(h.job_id)
+        orphaned = [j for j in self.queue.live.values() if j.state == JobState.STARTED and j.agent == session.name
+                    and j.session != session.id and self.sessions.by_id(j.session) is None]
+        for job in orphaned:
+            self.lost(job, f"agent {session.name} reconnected without it (it restarted)")
+        if resumed or dropped:
+            log.info("agent resumed its jobs", extra={"agent": session.name, "resumed": resumed, "dropped": dropped})
+        return resumed, dropped
+
+    def session_closed(self, session: AgentSession) -> None:
+        """The connection ended: its leases wait ``lease_grace_s`` for the agent to come back."""
+        if held := self.queue.start_lease_clock(session.id, time.time() + self.lease_grace_s):
+            log.warning("agent disconnected holding jobs; waiting for it to come back",
+                        extra={"agent": session.name, "jobs": held, "grace_s": self.lease_grace_s})
+
+    def expire_leases(self, now: float) -> None:
+        for job in self.queue.expired_leases(now):
+            self.lost(job, f"agent {job.agent} did not come back within {self.lease_grace_s:.0f}s")
+
+    def lost(self, job: Job, why: str) -> None:
+        log.warning("job lost with its agent", extra={"job": job.id, "agent": job.agent, "error": why})
+        self._after(job, Failure(kind=FailureKind.WORKER_LOST, message=why), 0)
+
+    # ---- clients ---------------------------------------------------------------------------------
+
+    async def cancel(self, job: Job, reason: str) -> bool:
+        """End a live job as Cancelled: a queued one is dropped, a running one is stopped on its agent
+        (which answers ``interrupted``, stale by then: the job is already over)."""
+        was_live, job = self.queue.cancel(job, reason)
+        holder = self.sessions.by_id(job.session) if was_live and job.attempt else None
+        if holder is not None:
+            try:
+                await holder.send(StopJob(job_id=job.id, attempt=job.attempt))
+            except (ConnectionError, RuntimeError) as exc:  # it is leaving anyway
+                log.warning("stop not sent", extra={"job": job.id, "agent": holder.name, "error": str(exc)})
+        return was_live
+
+    def _after(self, job: Job, failure: Failure, free_vram: int) -> None:
+        decision = after_failure(job, failure.kind, free_vram)
+        log.warning("attempt failed", extra={"job": job.id, "agent": job.agent, "kind": failure.kind.value,
+                                             "retry": decision.again, "error": failure.message})
+        if decision.again:
+            self.queue.requeue(job, decision)
+        else:
+            self.queue.finish(job, decision.state, failure, charged=decision.charged)

@@ -1,0 +1,166 @@
+"""The agents connected now: one session per connection, and each agent's recent record.
+
+A session is one accepted connection (a new random id each time); what its agent reported
+(devices, models, capabilities, loaded models) and how many jobs it asked for live here. Which
+jobs it runs does not: that is each job's lease (router/store, router/queue.py).
+
+Names: one live session per agent name. A connection under a name already connected is
+- the same agent process reconnecting (same ``instance``, its old socket not yet noticed as
+  dead): it replaces the old session, which is closed; the jobs it held move over with the new
+  hello's ``held`` list;
+- another process (a cloned host, a second agent given the same name, an agent restarted while
+  its old connection still looks alive): refused with a message naming the name. It keeps
+  retrying, and joins once the older one is gone (closed, or silent past the heartbeat timeout).
+Refusing rather than replacing keeps two live agents from evicting each other in turn and
+re-queuing each other's jobs at every reconnect. The router's own worker's name is reserved.
+
+An agent that fails several jobs in a row for infrastructure reasons (its engine lost, disk full)
+is paused for a while (``AgentHealth``): a broken agent fails jobs fastest and would otherwise
+drain the queue. The record is kept by name, so a reconnect does not clear it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from gpugate.errors import FailureKind
+from gpugate.wire import Ack, Capability, Device, Heartbeat, Hello, JobOffer, Model, StopJob
+
+from .retry import AGENT_FAULTS
+from .scheduler import AgentView
+
+LOCAL_WORKER = "router"  # the router's own worker (router/local.py) joins under this name
+RESERVED_NAMES = frozenset({LOCAL_WORKER})
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+Send = Callable[[JobOffer | StopJob | Ack], Awaitable[None]]
+Disconnect = Callable[[], Awaitable[object]]
+
+
+class Refusal(Exception):
+    """A connection the registry will not take; the message says why, for the agent's log."""
+
+
+@dataclass
+class AgentSession:
+    id: str
+    name: str
+    instance: str
+    send: Send
+    disconnect: Disconnect
+    cpu_only: bool
+    devices: list[Device]
+    models: list[Model]
+    capabilities: dict[str, Capability]
+    concurrency: int
+    loaded: set[str] = field(default_factory=set)
+    slots: int = 0  # jobs it asked for (pulls add, offers take)
+    draining: bool = False  # it is shutting down: offered nothing more
+    connected: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def free_vram(self) -> int:
+        return max((d.vram_free for d in self.devices), default=0)
+
+    def heard(self, beat: Heartbeat) -> None:
+        self.devices = beat.devices
+        self.loaded = set(beat.loaded)
+        if beat.models is not None:
+            self.models = beat.models
+        if beat.capabilities is not None:
+            self.capabilities = {c.name: c for c in beat.capabilities}
+
+    def view(self, running: int, paused: str | None) -> AgentView:
+        return AgentView(self.name, self.capabilities, {(m.kind, m.name): m.size for m in self.models},
+                         self.free_vram, frozenset(self.loaded), running, 0 if self.draining else self.slots, paused)
+
+
+@dataclass
+class AgentHealth:
+    """An agent's recent record: infrastructure failures in a row, and the pause they earned."""
+
+    failures_in_row: int = 0
+    paused_until: float = 0.0
+    last_failure: str | None = None
+
+    def paused(self, now: float) -> str | None:
+        """Why the agent takes no jobs now, or None."""
+        if now >= self.paused_until:
+            return None
+        return (f"{self.failures_in_row} infrastructure failures in a row, the last: {self.last_failure}; "
+                f"paused for {self.paused_until - now:.0f}s more")
+
+
+class SessionRegistry:
+    def __init__(self, failure_limit: int = 3, pause_s: float = 60.0) -> None:
+        self.sessions: dict[str, AgentSession] = {}  # agent name -> its live session
+        self.health: dict[str, AgentHealth] = {}  # agent name -> its record (outlives sessions)
+        self._by_id: dict[str, AgentSession] = {}
+        self._failure_limit, self._pause_s = failure_limit, pause_s
+
+    def join(self, hello: Hello, send: Send, disconnect: Disconnect, *,
+             local: bool = False) -> tuple[AgentSession, AgentSession | None]:
+        """A new session for ``hello``, and the older session it replaces (to be closed), if any.
+        Raises Refusal for a name that is malformed, reserved, or in use by another agent."""
+        name = hello.name
+        if not NAME.match(name):
+            raise Refusal(f"agent name {name!r} is not allowed: use letters, digits, '.', '_', '@' and '-' "
+                          "(at most 128), starting with a letter or digit; set agent.name")
+        if name in RESERVED_NAMES and not local:
+            raise Refusal(f"agent name {name!r} is reserved for the router's own worker; set agent.name")
+        older = self.sessions.get(name)
+        if older is not None and older.instance != hello.instance:
+            since = time.strftime("%H:%M:%S UTC", time.gmtime(older.connected))
+            raise Refusal(f"an agent named {name!r} is already connected (since {since}); each agent needs its "
+                          "own name: set agent.name (or GPUGATE_AGENT__NAME). Retrying in case it is leaving.")
+        session = AgentSession(secrets.token_hex(12), name, hello.instance, send, disconnect, hello.cpu_only,
+                               hello.devices, hello.models, {c.name: c for c in hello.capabilities}, hello.concurrency)
+        if older is not None:
+            self._by_id.pop(older.id, None)
+        self.sessions[name] = self._by_id[session.id] = session
+        return session, older
+
+    def leave(self, session: AgentSession) -> bool:
+        """Forget the session, unless a newer one under its name has replaced it."""
+        if self.sessions.get(session.name) is session:
+            del self.sessions[session.name]
+            self._by_id.pop(session.id, None)
+            return True
+        return False
+
+    def by_id(self, session_id: str | None) -> AgentSession | None:
+        return self._by_id.get(session_id or "")
+
+    def remote(self) -> list[AgentSession]:
+        """The agents on other processes (every one but the router's own worker)."""
+        return [s for name, s in self.sessions.items() if name != LOCAL_WORKER]
+
+    def views(self, running: Mapping[str, int], now: float) -> list[AgentView]:
+        """What the scheduler sees: each session with its running jobs (by session id) and pause."""
+        return [s.view(running.get(s.id, 0), self.paused(s.name, now)) for s in self.sessions.values()]
+
+    def paused(self, name: str, now: float) -> str | None:
+        health = self.health.get(name)
+        return health.paused(now) if health is not None else None
+
+    def silent_since(self, deadline: float) -> list[AgentSession]:
+        return [s for s in self.sessions.values() if s.last_seen < deadline]
+
+    def record(self, name: str, kind: FailureKind | None, message: str, now: float) -> None:
+        """Count an attempt's end against the agent: a success clears its record, an infrastructure
+        failure adds to it, and the limit in a row pauses it (longer each time it trips again)."""
+        health = self.health.setdefault(name, AgentHealth())
+        if kind is None:
+            health.failures_in_row = 0
+            return
+        if kind not in AGENT_FAULTS:
+            return
+        health.failures_in_row += 1
+        health.last_failure = message[:200]
+        if health.failures_in_row >= self._failure_limit:
+            trips = health.failures_in_row - self._failure_limit
+            health.paused_until = now + min(self._pause_s * 2 ** trips, 3600.0)
