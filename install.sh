@@ -134,7 +134,8 @@ ExecStart=$PWD/$VENV/bin/gpugate $command
 Restart=on-failure
 RestartSec=5
 KillMode=mixed
-TimeoutStopSec=60
+# the agent drains on SIGTERM: running jobs get agent.shutdown_grace_s (60 s) to finish
+TimeoutStopSec=90
 
 [Install]
 WantedBy=multi-user.target"

@@ -235,7 +235,8 @@ class RouterLink:
             message = router_message.validate_json(msg.data)
             if isinstance(message, JobOffer):
                 self._accept(message, session)
-            elif isinstance(message, StopJob) and (work := self.work.get(message.job_id)) is not None:
+            elif isinstance(message, StopJob) and (work := self.work.get(message.job_id)) is not None \
+                    and work.offer.attempt == message.attempt:
                 log.info("job cancelled by the router", extra={"job": message.job_id, "attempt": message.attempt})
                 self._stop(work, StopReason.CANCELLED)
             elif isinstance(message, Ack) and (work := self.work.get(message.job_id)) is not None \
@@ -258,6 +259,8 @@ class RouterLink:
     # ---- jobs ------------------------------------------------------------------------------------
 
     def _accept(self, offer: JobOffer, session: _Session) -> None:
+        if (earlier := self.work.get(offer.job_id)) is not None:  # an older attempt the router gave up on
+            self._stop(earlier, StopReason.DROPPED)
         if self.draining:  # offered before the router read our Leaving: hand it straight back
             work = Work(offer, session.id, answer=Failure.of(ShutDown("the agent is shutting down")))
         else:
@@ -295,6 +298,9 @@ class RouterLink:
                 else Interrupted("cancelled")
             work.answer = Failure.of(failure)
             log.info("job stopped", extra={**extra, "reason": work.stop_reason.value})
+        except aiohttp.ClientError as exc:  # an engine's connection (an OSError too, but not a disk's)
+            work.answer = Failure.of(WorkerLost(f"a connection failed during job {offer.job_id}: {exc}"))
+            log.warning("job lost its connection", extra={**extra, "error": str(exc)})
         except OSError as exc:  # a full disk, a missing file: this machine's fault, not the request's
             work.answer = Failure.of(InfrastructureFault.of_os_error(exc, f"job {offer.job_id}"))
             log.warning("job failed on this agent", extra={**extra, "error": str(exc)})
@@ -371,11 +377,13 @@ class RouterLink:
         if work.stored is None:
             try:
                 work.stored = [await session.files.store_output(f) for f in answer.files]
-            except OSError as exc:  # the shared store's disk is full, say
-                work.answer = Failure.of(InfrastructureFault.of_os_error(exc, "storing the outputs"))
-                return Failed(job_id=offer.job_id, attempt=offer.attempt, failure=work.answer)
             except aiohttp.ClientResponseError as exc:  # the router could not take them (its disk is full, say)
                 work.answer = Failure.of(InfrastructureFault(f"the router refused the outputs: HTTP {exc.status}"))
+                return Failed(job_id=offer.job_id, attempt=offer.attempt, failure=work.answer)
+            except aiohttp.ClientError:  # the connection broke (an OSError too): the next one uploads again
+                raise
+            except OSError as exc:  # the shared store's disk is full, say
+                work.answer = Failure.of(InfrastructureFault.of_os_error(exc, "storing the outputs"))
                 return Failed(job_id=offer.job_id, attempt=offer.attempt, failure=work.answer)
         return Done(job_id=offer.job_id, attempt=offer.attempt, artifacts=work.stored, texts=answer.texts,
                     details=answer.details)

@@ -38,7 +38,7 @@ async def local_worker(sessions: SessionRegistry, outcomes: Outcomes, dispatcher
             return
         task = asyncio.create_task(_run(me, message, outcomes, dispatcher, artifacts), name=f"local-job-{message.job_id}")
         tasks[message.job_id] = task
-        task.add_done_callback(lambda _: tasks.pop(message.job_id, None))
+        task.add_done_callback(lambda done: tasks.pop(message.job_id) if tasks.get(message.job_id) is done else None)
 
     async def disconnect() -> None:
         return None

@@ -43,12 +43,19 @@ class Outcomes:
         job = self.queue.held(session.id, message.job_id, message.attempt)
         if job is None:
             self._stale(session, message.job_id, message.attempt)
-            await self.retention.discard_unowned([a.name for a in message.artifacts])
+            current = self.queue.live.get(message.job_id)
+            if current is None or current.attempt != message.attempt or current.agent != session.name:
+                # no lease can bring this answer back: its files are orphans now (else the same
+                # agent may send it again on its newer connection, with the same files)
+                await self.retention.discard_unowned([a.name for a in message.artifacts])
             return
-        job.results = {"artifacts": [a.model_dump() for a in message.artifacts], "texts": message.texts,
-                       "details": message.details}
+        if missing := self.retention.missing([a.name for a in message.artifacts]):
+            self.failed(session, Failed(job_id=job.id, attempt=job.attempt, failure=Failure(
+                kind=FailureKind.INFRASTRUCTURE, message=f"outputs missing from the router's file store: {missing}")))
+            return
         self.sessions.record(session.name, None, "", time.time())
-        self.queue.finish(job, JobState.COMPLETED)
+        self.queue.finish(job, JobState.COMPLETED, results={
+            "artifacts": [a.model_dump() for a in message.artifacts], "texts": message.texts, "details": message.details})
 
     def failed(self, session: AgentSession, message: Failed) -> None:
         job = self.queue.held(session.id, message.job_id, message.attempt)
@@ -71,8 +78,7 @@ class Outcomes:
         resumed, dropped = [], []
         for h in held:
             job = self.queue.live.get(h.job_id)
-            same_lease = job is not None and self.queue.held(h.session, h.job_id, h.attempt) is job
-            if same_lease and self.queue.move_lease(job, session.id):  # type: ignore[arg-type]
+            if job is not None and self._still_its(job, session, h) and self.queue.move_lease(job, session.id):
                 resumed.append(h.job_id)
             else:
                 dropped.append(h.job_id)
@@ -83,6 +89,15 @@ class Outcomes:
         if resumed or dropped:
             log.info("agent resumed its jobs", extra={"agent": session.name, "resumed": resumed, "dropped": dropped})
         return resumed, dropped
+
+    def _still_its(self, job: Job, session: AgentSession, held: HeldJob) -> bool:
+        """Whether the lease on this attempt still stands for the agent that holds it: the job runs that
+        attempt, under this agent's name, and its lease is the session the agent names or one that is
+        gone (a welcome the agent never got named a session it does not know of). Names are unique
+        among live sessions, and only the agent that was offered an attempt can hold it."""
+        if job.state != JobState.STARTED or job.attempt != held.attempt or job.agent != session.name:
+            return False
+        return job.session == held.session or self.sessions.by_id(job.session) is None
 
     def session_closed(self, session: AgentSession) -> None:
         """The connection ended: its leases wait ``lease_grace_s`` for the agent to come back."""

@@ -12,10 +12,12 @@ answers and losses into requeue/finish through router/retry.py; this module only
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from gpugate.errors import FailureKind
 from gpugate.wire import Failure, Progress
@@ -78,9 +80,8 @@ class JobQueue:
         job = self.live.get(job.id, job)
         if job.id not in self.live:
             return False, job
-        job.error = Failure(kind=FailureKind.INTERRUPTED, message=reason).model_dump(exclude_none=True)
-        self.finish(job, JobState.CANCELLED)
-        return True, job
+        self.finish(job, JobState.CANCELLED, Failure(kind=FailureKind.INTERRUPTED, message=reason))
+        return job.state == JobState.CANCELLED, job
 
     def status_text(self, job: Job) -> str:
         return status_text(job, self.waiting_reason.get(job.id), self.progress.get(job.id))
@@ -121,32 +122,48 @@ class JobQueue:
 
     def requeue(self, job: Job, decision: Decision) -> None:
         """Queue a running job again, as the retry policy decided."""
-        if decision.avoid_agent and job.agent and job.agent not in job.avoid:
-            job.avoid.append(job.agent)
-        job.min_free_vram = decision.min_free_vram or job.min_free_vram
-        job.failures += decision.charged
-        if not self.store.requeue(job):
-            job.failures -= decision.charged
+        avoid = [*job.avoid, job.agent] if decision.avoid_agent and job.agent and job.agent not in job.avoid else job.avoid
+        again = dataclasses.replace(job, avoid=avoid, min_free_vram=decision.min_free_vram or job.min_free_vram,
+                                    failures=job.failures + decision.charged)
+        if not self.store.requeue(again):
+            self._reload(job)
             return
-        job.state, job.agent, job.session, job.lease_expires = JobState.QUEUED, None, None, None
+        _update(job, again, state=JobState.QUEUED, agent=None, session=None, lease_expires=None)
         self.progress.pop(job.id, None)
         log.info("job queued again", extra={"job": job.id, "attempt": job.attempt, "failures": job.failures})
         self.on_change()
 
-    def finish(self, job: Job, state: JobState, failure: Failure | None = None, charged: bool = False) -> None:
-        job.state = state
-        job.finished = time.time()
-        job.failures += charged
-        if failure is not None:
-            job.error = failure.model_dump(exclude_none=True)
-        self.store.finish(job, job.finished, self._callback_for(job))
+    def finish(self, job: Job, state: JobState, failure: Failure | None = None, charged: bool = False,
+               results: dict[str, Any] | None = None) -> None:
+        """End a live job. The store is written first; the cache follows only what the store took."""
+        ended = dataclasses.replace(job, state=state, finished=time.time(), failures=job.failures + charged,
+                                    results=results if results is not None else job.results,
+                                    error=failure.model_dump(exclude_none=True) if failure is not None else job.error)
+        if not self.store.finish(ended, ended.finished or 0.0, self._callback_for(ended)):
+            self._reload(job)
+            return
+        _update(job, ended)
+        self._ended(job)
+
+    def _ended(self, job: Job) -> None:
         self.live.pop(job.id, None)
         self.progress.pop(job.id, None)
         self.waiting_reason.pop(job.id, None)
         self.events.notify(job.id, job)
         self._on_finished(job)
-        log.info("job finished", extra={"job": job.id, "state": state, "agent": job.agent})
+        log.info("job finished", extra={"job": job.id, "state": job.state, "agent": job.agent})
         self.on_change()
+
+    def _reload(self, job: Job) -> None:
+        """The store did not take a change the cache expected: the store is right; follow it."""
+        stored = self.store.get_job(job.id)
+        log.warning("job changed under the queue; reloaded", extra={"job": job.id, "state": stored and stored.state})
+        if stored is None:
+            self.live.pop(job.id, None)
+            return
+        _update(job, stored)
+        if stored.state not in (JobState.QUEUED, JobState.STARTED):
+            self._ended(job)
 
     def move_lease(self, job: Job, session: str) -> bool:
         """The agent holding ``job`` came back as ``session``: its lease goes along."""
@@ -166,3 +183,9 @@ class JobQueue:
     def expired_leases(self, now: float) -> list[Job]:
         return [j for j in self.live.values()
                 if j.state == JobState.STARTED and j.lease_expires is not None and j.lease_expires <= now]
+
+
+def _update(job: Job, source: Job, **changes: Any) -> None:
+    """Make the cached ``job`` (which handlers and watchers hold) say what ``source`` says."""
+    for f in dataclasses.fields(Job):
+        setattr(job, f.name, changes.get(f.name, getattr(source, f.name)))

@@ -51,6 +51,10 @@ class Retention:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.artifacts.root).free
 
+    def missing(self, names: list[str]) -> list[str]:
+        """Those of ``names`` that are not in the store (an answer naming them cannot complete a job)."""
+        return [n for n in names if self.artifacts.path(n) is None]
+
     async def discard_unowned(self, names: Iterable[str]) -> None:
         """Delete those of ``names`` that no job owns (the outputs of a stale answer)."""
         names = list(names)
@@ -80,7 +84,10 @@ class Retention:
         return removed
 
     async def run(self) -> None:
-        """The router's retention task: a sweep every ``retention_every_s``; a failing one is retried."""
+        """The router's retention task: a sweep every ``retention_every_s``; a failing one is retried.
+        The first waits ``lease_grace_s`` twice over, so agents coming back to a restarted router report
+        the outputs they wrote before it went down before any of them can look like an orphan."""
+        await asyncio.sleep(2 * self.settings.lease_grace_s)
         while True:
             try:
                 if removed := await self.sweep(time.time()):

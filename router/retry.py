@@ -6,8 +6,9 @@
   again, counted against ``max_attempts``, preferring another agent next time: a preference, not a
   ban, so with one agent (the usual deployment) it runs there again.
 - Out of memory queues it again for a device with more free memory than the one that failed.
-- A hand-back by an agent that is shutting down (or whose router restarted and whose lease ran out
-  meanwhile through no fault of the job) queues it again without using an attempt.
+- A hand-back by an agent that is shutting down queues it again without using an attempt. (A router
+  restart uses none either: the agents keep their jobs. A lease that runs out because its agent
+  never came back is a lost attempt, ``worker_lost``.)
 
 procrastinate's ``RetryStrategy.get_retry_decision`` has the same shape.
 """

@@ -129,10 +129,12 @@ async def status(router: Router, key: str, **query: Any) -> dict[str, Any]:
             return await r.json()
 
 
-async def until(router: Router, key: str, job_id: int, predicate, timeout: float = 180) -> dict[str, Any]:  # noqa: ANN001
+async def until(router: Router, key: str, job_id: int | None, predicate, timeout: float = 180,  # noqa: ANN001
+                **query: Any) -> dict[str, Any]:
+    """The job's status once ``predicate`` holds for it (by ``job_id``, or by the query given: refId=...)."""
     deadline = time.monotonic() + timeout
     while True:
-        answer = await status(router, key, jobId=job_id)
+        answer = await status(router, key, **({"jobId": job_id} if job_id is not None else query))
         if predicate(answer):
             return answer
         assert time.monotonic() < deadline, f"job {job_id} never got there: {answer}"

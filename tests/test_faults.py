@@ -104,9 +104,12 @@ async def test_a_router_restart_leaves_running_jobs_running_and_their_answers_co
         router: Router, key: str, agents: Agents) -> None:
     agents.start("steady", 4, [], GPUGATE_AGENT__RUNNERS=SPEECH)
     await router.wait_for_agents("steady", timeout=120)
-    job_id = await _speak(router, key)
-    await _running(router, key, job_id)
+    waiting = asyncio.create_task(call(router, key, "TextToSpeech", {"input": LONG_TEXT, "refId": "through-restart"}))
+    await until(router, key, None, lambda s: s.get("jobState") == "Started", timeout=120, refId="through-restart")
     await router.stop()  # a deploy: SIGTERM-like, orderly
+    reference = await waiting
+    assert reference["jobState"] == "Started", "the waiting sync call answers with the job's reference"
+    job_id = reference["jobId"]
     await router.start()
     done = await until(router, key, job_id, finished, timeout=180)
     assert done["jobState"] == "Completed" and done["results"][0]["provider"] == "steady"

@@ -140,3 +140,11 @@ callback_allow_networks = [
     settings = load_settings(config, environ={})
     assert settings.agent.runners == ("comfy", "speech") and settings.agent.gpus[0].name == "A100"  # type: ignore[index]
     assert settings.agent.token == "s3cret" and settings.router.callback_allow_networks == ("10.0.0.0/8",)
+
+
+def test_services_give_a_draining_agent_longer_than_its_grace_period() -> None:
+    grace = Settings().agent.shutdown_grace_s
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    assert int(compose["services"]["agent"]["stop_grace_period"].rstrip("s")) > grace
+    unit = (PROJECT_ROOT / "install.sh").read_text()
+    assert int(unit.split("TimeoutStopSec=")[1].split()[0]) > grace

@@ -256,3 +256,55 @@ async def test_cancelling_a_running_job_stops_it_on_the_session_holding_it(fleet
     assert fleet.sent[-1] == ("a", StopJob(job_id=job.id, attempt=1))
     assert fleet.stored(job).state == JobState.CANCELLED
     assert not await fleet.outcomes.cancel(job, "again")
+
+
+async def test_a_welcome_the_agent_never_got_does_not_cost_it_its_job(fleet: Fleet) -> None:
+    """The lease moved to a new session, but the connection broke before the agent heard of it: the
+    agent comes back naming the old session, and keeps its job."""
+    first, _, _ = fleet.join("a")
+    job = fleet.submit()
+    [(_, offer)] = await fleet.dispatch()
+    fleet.leave(first)
+    lost_welcome, resumed, _ = fleet.join("a", held=[held(first, offer)])
+    assert resumed == [job.id]
+    fleet.leave(lost_welcome)
+    again, resumed, dropped = fleet.join("a", held=[held(first, offer)])  # still the first session's id
+    assert (resumed, dropped) == ([job.id], [])
+    await fleet.outcomes.done(again, Done(job_id=job.id, attempt=1))
+    assert fleet.stored(job).state == JobState.COMPLETED and fleet.stored(job).failures == 0
+
+
+async def test_a_replaced_connections_late_answer_keeps_its_files_for_the_new_one(fleet: Fleet) -> None:
+    old, _, _ = fleet.join("a", instance="process")
+    job = fleet.submit()
+    [(_, offer)] = await fleet.dispatch()
+    new, _, _ = fleet.join("a", instance="process", held=[held(old, offer)])  # reconnected; old socket not yet closed
+    output = await fleet.artifacts.put(b"image", ".png")
+    answer = Done(job_id=job.id, attempt=1, artifacts=[Artifact(name=output, file_name="x.png", media_type="image/png", size=5)])
+    await fleet.outcomes.done(old, answer)  # read from the old socket: stale, but the same agent sends it again
+    assert fleet.artifacts.path(output) is not None
+    await fleet.outcomes.done(new, answer)
+    assert fleet.stored(job).state == JobState.COMPLETED and fleet.artifacts.path(output) is not None
+
+
+async def test_an_answer_naming_files_the_store_lacks_is_an_infrastructure_failure(fleet: Fleet) -> None:
+    agent, _, _ = fleet.join("a")
+    job = fleet.submit()
+    await fleet.dispatch()
+    await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1, artifacts=[
+        Artifact(name="ab" * 32 + ".png", file_name="x.png", media_type="image/png", size=5)]))
+    stored = fleet.stored(job)
+    assert stored.state == JobState.QUEUED and stored.failures == 1, "retried, not completed without its image"
+
+
+async def test_when_the_store_refuses_a_change_the_cache_follows_the_store(fleet: Fleet, tmp_path: Path) -> None:
+    agent, _, _ = fleet.join("a")
+    job = fleet.submit()
+    await fleet.dispatch()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "router.db") as other:  # another writer got there first
+        other.execute("UPDATE jobs SET state = 'Cancelled', finished = 1 WHERE id = ?", (job.id,))
+    await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1))
+    assert job.id not in fleet.queue.live and fleet.queue.live.get(job.id) is None
+    assert fleet.stored(job).state == JobState.CANCELLED

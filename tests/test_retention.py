@@ -28,7 +28,8 @@ RETENTION_S = 2.0
 @pytest.fixture(scope="module")
 def router_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return router_settings_in(tmp_path_factory.mktemp("router"), retention_days=str(RETENTION_S / 86400),
-                              retention_every_s="0.2", orphan_grace_s="5", sync_timeout_s="30")
+                              retention_every_s="0.2", orphan_grace_s="5", sync_timeout_s="30",
+                              lease_grace_s="0.5")
 
 
 @pytest.fixture(scope="module")

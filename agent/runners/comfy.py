@@ -17,6 +17,7 @@ from . import JobProgress, OutputFile, RunResult
 
 GB = 1024**3
 LOADED_KEPT = 2  # models ComfyUI is assumed to still hold: the ones the last jobs used
+MODELS_WAIT_S = 5.0  # for ComfyUI's model lists
 
 
 class ComfyRunner:
@@ -36,11 +37,13 @@ class ComfyRunner:
         return [_capability(wf) for wf in workflows]
 
     async def models(self) -> list[Model]:
-        """ComfyUI's models; while it is down, the last list it gave."""
+        """ComfyUI's models; while it is down or slow to answer, the last list it gave (the agent's
+        heartbeat waits for this, and must not wait long)."""
         if self.engine.ready:
             try:
-                self._models = [Model(kind=m.kind, name=m.name, size=m.size) for m in await self.engine.models()]
-            except WorkerLost:  # it went down meanwhile
+                found = await asyncio.wait_for(self.engine.models(), MODELS_WAIT_S)
+                self._models = [Model(kind=m.kind, name=m.name, size=m.size) for m in found]
+            except (WorkerLost, TimeoutError):  # it went down meanwhile, or is busy: next time
                 pass
         return list(self._models)
 

@@ -60,17 +60,17 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
         await _refuse(ws, str(exc), CLOSE_REFUSED)
         return ws
     outcomes, dispatcher = app[OUTCOMES], app[DISPATCHER]
-    resumed, dropped = outcomes.resume(session, hello.held)
-    if replaced is not None:  # the same agent's older connection, not yet noticed as dead
-        log.warning("agent reconnected; closing its older connection", extra={"agent": session.name})
-        await replaced.disconnect()
-    log.info("agent joined", extra={"agent": session.name, "session": session.id,
-                                    "capabilities": ",".join(session.capabilities), "models": len(session.models),
-                                    "free_vram": session.free_vram})
-    await ws.send_str(Welcome(session=session.id, store=app[ARTIFACTS].shared, resumed=resumed,
-                              dropped=dropped).model_dump_json())
-    dispatcher.wake()
-    try:
+    try:  # from here on the session ends (and its leases start their clock) however the socket ends
+        resumed, dropped = outcomes.resume(session, hello.held)
+        if replaced is not None:  # the same agent's older connection, not yet noticed as dead
+            log.warning("agent reconnected; closing its older connection", extra={"agent": session.name})
+            await replaced.disconnect()
+        log.info("agent joined", extra={"agent": session.name, "session": session.id,
+                                        "capabilities": ",".join(session.capabilities), "models": len(session.models),
+                                        "free_vram": session.free_vram})
+        await ws.send_str(Welcome(session=session.id, store=app[ARTIFACTS].shared, resumed=resumed,
+                                  dropped=dropped).model_dump_json())
+        dispatcher.wake()
         async for msg in ws:
             if msg.type is not WSMsgType.TEXT:
                 continue
