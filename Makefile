@@ -31,6 +31,7 @@ bench: install
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.router
 	$(BIN)/python -m bench.media
+	$(BIN)/python -m bench.chaos
 
 clean:
 	rm -rf $(VENV) vendor data *.egg-info

@@ -4,7 +4,7 @@ random moments (chosen from a seed, so a run can be repeated). Results: bench/re
 The faults are those of tests/test_chaos.py (tests/chaos.py does them): kill -9 of a ComfyUI, of an
 agent (started again under its name), of the router (started again), SIGTERM of the router
 (started again), and a second agent under a name in use. Between two faults the system gets a
-random 5 to 25 s. The report counts how every job ended, the attempts they took, the client's
+random 15 to 45 s. The report counts how every job ended, the attempts they took, the client's
 retries while the router was down, and what each fault cost (how long until the fleet served again).
 
 Run: ``python -m bench.chaos [--jobs 500] [--seed 7]`` (``make bench`` runs it last).
@@ -49,7 +49,7 @@ async def run(jobs: int, seed: int) -> dict[str, Any]:
                 feeder = asyncio.create_task(stream.feed(http, PACE_S, MOST_WAITING))
                 try:
                     while len(stream.accepted) < jobs:
-                        await asyncio.sleep(rng.uniform(5, 25))
+                        await asyncio.sleep(rng.uniform(15, 45))
                         if len(stream.accepted) < jobs:
                             faults.append(await _strike(cluster, rng))
                 finally:
