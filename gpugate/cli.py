@@ -270,7 +270,11 @@ def _when(timestamp: float) -> str:
 def _jobs_show(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
+    import time
+
     from router.api.responses import JobSummary
+    from router.app import url_signer
+    from router.urls import Links
 
     store, finder = _job_history(settings)
     try:
@@ -281,7 +285,7 @@ def _jobs_show(settings: Settings, args: argparse.Namespace) -> int:
         print(f"error: no job {args.id}", file=sys.stderr)
         return 2
     base = (settings.router.public_base_url or settings.router.local_url).rstrip("/")
-    print(json.dumps(JobSummary.of(job, base).body(), indent=2))
+    print(json.dumps(JobSummary.of(job, Links(base, url_signer(settings), time.time())).body(), indent=2))
     return 0
 
 

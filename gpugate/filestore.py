@@ -4,8 +4,9 @@ way both write a file that arrives as a stream.
 
 <root>/<first two hex digits>/<name> holds each file; a name is 64 random hex digits and an
 extension, so it cannot be guessed from the content. Files are written under incoming/ first and
-renamed into place, so a reader sees a whole file or none. STORE_ID_FILE holds the token that
-names the store (gpugate/wire.py: SharedStore).
+renamed into place, so a reader sees a whole file or none. Variants of an image live under
+variants/<name>/ and go with it. STORE_ID_FILE holds the token that names the store
+(gpugate/wire.py: SharedStore).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import BinaryIO
 
 NAME = re.compile(r"^([0-9a-f]{64})(\.[a-z0-9]{1,8})?$")
 INCOMING = "incoming"
+VARIANTS = "variants"  # <root>/variants/<name>/<size>.webp: smaller copies of an image, made by the router
 STORE_ID_FILE = ".store-id"
 WRITE_BATCH = 2**20  # bytes gathered from a stream before each write
 

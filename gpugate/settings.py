@@ -150,6 +150,11 @@ class Router(_Section):
     callback_give_up_s: float = 3 * 86400.0  # stop retrying a delivery this long after the job finished
     # replyTo URLs on loopback, private or link-local addresses are refused unless inside one of these
     callback_allow_networks: tuple[str, ...] = ()
+    # File URLs handed out are signed with this secret (default: made in data/url_secret; routers that
+    # share it accept each other's URLs) and work without a header for this long
+    url_secret: str | None = None
+    signed_url_ttl_s: float = 7 * 86400.0
+    max_variant_side: int = 4096  # pixels, for /variants/ (a larger request is a 400)
     archive_after_s: float = 3600.0  # finished jobs move to data/archive/YYYY-MM.db after this long
     archive_every_s: float = 60.0
 

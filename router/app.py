@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -21,7 +22,7 @@ from aiohttp import web
 from gpugate.catalog import Catalog
 from gpugate.settings import Settings
 
-from .api import admin, jobs, openapi, pages, public
+from .api import admin, files, jobs, openapi, pages, public
 from .api import agents as agent_api
 from .api.auth import auth_middleware
 from .api.errors import error_middleware
@@ -41,10 +42,11 @@ from .retention import Retention
 from .sessions import SessionRegistry
 from .state import (
     ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, DISPATCHER, FINDER, METRICS, OUTCOMES, QUEUE, RETENTION, SESSIONS, SETTINGS,
-    STORE,
+    SIGNER, STORE,
 )
 from .store import Store
 from .store.sqlite import SqliteStore
+from .urls import UrlSigner
 
 log = logging.getLogger(__name__)
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 60.0
@@ -59,12 +61,20 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[SESSIONS] = SessionRegistry(settings.router.agent_failure_limit, settings.router.agent_pause_s)
     app[ARCHIVE] = JobArchive(settings.archive_dir)
     app[METRICS] = Metrics()
+    app[SIGNER] = url_signer(settings)
     app.add_routes([web.get("/health", health), *public.routes(settings.router.echo_api), *jobs.routes(),
-                    *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
+                    *files.routes(), *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
     app.cleanup_ctx.append(_store(store))
     app.cleanup_ctx.append(_jobs)
     app.on_shutdown.append(_stop_waiting)
     return app
+
+
+def url_signer(settings: Settings) -> UrlSigner:
+    """The signer of file URLs, with the configured secret or the one kept in the data folder."""
+    secret = settings.router.url_secret or read_or_make(settings.paths.data_dir / "url_secret",
+                                                        lambda: secrets.token_urlsafe(32))
+    return UrlSigner(secret, settings.router.signed_url_ttl_s)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -86,7 +96,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     settings, store = app[SETTINGS], app[STORE]
     secret = settings.router.webhook_secret or read_or_make(settings.paths.data_dir / "webhook_secret", new_webhook_secret)
     callbacks = app[CALLBACKS] = CallbackSender(store, settings.router, secret,
-                                                lambda api: APIS[api].field_names if api in APIS else {})
+                                                lambda api: APIS[api].field_names if api in APIS else {}, app[SIGNER])
     queue = app[QUEUE] = JobQueue(store, JobEvents(), callbacks.delivery_for, app[METRICS].job_finished)
     dispatcher = app[DISPATCHER] = Dispatcher(queue, app[SESSIONS], settings.router.unplaceable_timeout_s)
     queue.on_change = dispatcher.wake

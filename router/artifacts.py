@@ -18,11 +18,12 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpugate.filestore import INCOMING, STORE_ID_FILE, new_partial, place, stored_path, write_file, write_stream
+from gpugate.filestore import INCOMING, STORE_ID_FILE, VARIANTS, new_partial, place, stored_path, write_file, write_stream
 from gpugate.wire import SharedStore
 
 
@@ -43,6 +44,11 @@ class ArtifactStore:
             stale.unlink(missing_ok=True)
         self.shared = SharedStore(path=str(self.root), token=_store_token(self.root))
 
+    def variant_path(self, name: str, width: int | None, height: int | None) -> Path:
+        """Where a variant of file ``name`` is kept (VARIANTS/<name>/, removed with the file)."""
+        size = ",".join(f"{k}={v}" for k, v in (("width", width), ("height", height)) if v is not None)
+        return self.root / VARIANTS / name / f"{size}.webp"
+
     def path(self, name: str) -> Path | None:
         """The file for a name, or None if the name is malformed or unknown."""
         path = stored_path(self.root, name)
@@ -52,8 +58,10 @@ class ArtifactStore:
         await asyncio.to_thread(self._remove, list(names))
 
     def _remove(self, names: list[str]) -> None:
-        for path in filter(None, (stored_path(self.root, name) for name in names)):
-            path.unlink(missing_ok=True)
+        for name in names:
+            if (path := stored_path(self.root, name)) is not None:
+                path.unlink(missing_ok=True)
+                shutil.rmtree(self.root / VARIANTS / name, ignore_errors=True)
 
     @contextlib.asynccontextmanager
     async def intake(self) -> AsyncIterator[Intake]:

@@ -40,6 +40,7 @@ from gpugate.settings import Router as RouterSettings
 
 from .api.responses import status_of, status_text
 from .store import Delivery, Job, Store
+from .urls import Links, UrlSigner
 
 log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 64  # deliveries attempted at once
@@ -138,8 +139,9 @@ class CallbackSender:
     """Makes a finished job's delivery (for the queue) and drains the outbox (a task of its own)."""
 
     def __init__(self, store: Store, settings: RouterSettings, server_secret: str,
-                 field_names: Callable[[str], dict[str, str]], resolver: AbstractResolver | None = None) -> None:
-        self.store, self.settings, self.server_secret = store, settings, server_secret
+                 field_names: Callable[[str], dict[str, str]], signer: UrlSigner,
+                 resolver: AbstractResolver | None = None) -> None:
+        self.store, self.settings, self.server_secret, self.signer = store, settings, server_secret, signer
         self._resolver = resolver  # where callback hosts are looked up (tests give their own)
         self._field_names = field_names
         self.base_url = (settings.public_base_url or settings.local_url).rstrip("/")  # for jobs without their own
@@ -152,8 +154,9 @@ class CallbackSender:
         """The delivery a job that just finished owes (None without replyTo); the queue stores it."""
         if not job.reply_to:
             return None
-        status = status_of(job, job.base_url or self.base_url, status_text(job), None, self._field_names(job.api))
         now = time.time()
+        links = Links(job.base_url or self.base_url, self.signer, now)
+        status = status_of(job, links, status_text(job), None, self._field_names(job.api))
         self._wake.set()
         return Delivery(id=0, job_id=job.id, key_id=job.key_id, url=job.reply_to, webhook_id=f"msg_{secrets.token_hex(12)}",
                         body=json.dumps(status.body(), separators=(",", ":")), created=now, next_at=now)

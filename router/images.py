@@ -7,7 +7,10 @@ not fit the image (a crop outside it) is an InvalidRequest naming the field.
 from __future__ import annotations
 
 import io
+import os
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -74,3 +77,26 @@ def _position(where: str, size: tuple[int, int], mark: tuple[int, int]) -> tuple
 
 TRANSFORMS: dict[str, Callable[[dict[str, Any], dict[str, bytes]], tuple[bytes, str]]] = {
     "scale-image": scale, "crop-image": crop, "convert-image": convert, "watermark-image": watermark}
+
+
+def make_variant(original: Path, target: Path, width: int | None, height: int | None) -> None:
+    """Write a WebP copy of ``original`` at ``target``: ``width`` x ``height``, or one of them with the
+    aspect kept. Written beside and renamed into place, so a reader sees all of it or none. A file
+    that is not an image is a ValueError."""
+    try:
+        image = Image.open(original)
+        image.load()
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"is not an image a variant can be made of ({exc})") from None
+    if width is None:
+        width = max(1, round(image.width * height / image.height))  # type: ignore[operator]
+    if height is None:
+        height = max(1, round(image.height * width / image.width))
+    resized = image.convert("RGBA" if "A" in image.getbands() else "RGB").resize((width, height), Image.Resampling.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        resized.save(part, "WEBP", quality=85)
+        part.replace(target)
+    finally:
+        part.unlink(missing_ok=True)

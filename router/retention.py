@@ -5,7 +5,8 @@ outputs when it completes). A job's files are deleted ``retention_days`` after i
 them for good); those of a live job never are. Files no job owns are orphans: the outputs of an
 attempt that was cancelled or superseded are deleted as soon as its answer arrives (stale); any
 other orphan (an agent that died between writing an output and reporting it, a request whose job
-was never made) once it is older than ``orphan_grace_s``.
+was never made) once it is older than ``orphan_grace_s``. A file's variants (router/api/files.py)
+go with it.
 
 When the disk holding the store has less free space than ``min_free_disk_mb``, new uploads are
 refused with 507 and the dashboard says why (``problem``); outputs of running jobs still go in.
@@ -20,7 +21,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from gpugate.filestore import INCOMING, NAME
+from gpugate.filestore import INCOMING, NAME, VARIANTS, stored_path
 from gpugate.settings import Router as RouterSettings
 
 from .artifacts import ArtifactStore
@@ -79,6 +80,7 @@ class Retention:
         owned = self.store.owned_files([p.name for p in candidates if NAME.match(p.name)])
         orphans = [p for p in candidates if p.name not in owned]
         await asyncio.to_thread(_unlink, orphans)
+        await asyncio.to_thread(_variants_without_original, self.artifacts.root)
         removed += len(orphans)
         self.removed += removed
         return removed
@@ -110,6 +112,15 @@ def _old_files(root: Path, before: float) -> list[Path]:
             except FileNotFoundError:  # removed meanwhile
                 pass
     return out
+
+
+def _variants_without_original(root: Path) -> None:
+    """Variant folders whose original is gone (deleted as an orphan, say) go too."""
+    folder = root / VARIANTS
+    for variants in folder.iterdir() if folder.is_dir() else ():
+        original = stored_path(root, variants.name)
+        if original is None or not original.exists():
+            shutil.rmtree(variants, ignore_errors=True)
 
 
 def _unlink(paths: list[Path]) -> None:

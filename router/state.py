@@ -18,6 +18,7 @@ from .queue import JobQueue
 from .retention import Retention
 from .sessions import SessionRegistry
 from .store import Key, Store
+from .urls import UrlSigner
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)  # type: ignore[type-abstract]
@@ -32,7 +33,8 @@ CATALOG = web.AppKey("catalog", Catalog)
 ARCHIVE = web.AppKey("archive", JobArchive)
 CALLBACKS = web.AppKey("callbacks", CallbackSender)
 METRICS = web.AppKey("metrics", Metrics)
+SIGNER = web.AppKey("signer", UrlSigner)
 KEY = web.RequestKey("key", Key | None)  # the caller's API key (None for agents)
 
 __all__ = ["SETTINGS", "STORE", "QUEUE", "FINDER", "SESSIONS", "DISPATCHER", "OUTCOMES", "ARTIFACTS", "RETENTION",
-           "CATALOG", "ARCHIVE", "CALLBACKS", "METRICS", "KEY", "Key"]
+           "CATALOG", "ARCHIVE", "CALLBACKS", "METRICS", "SIGNER", "KEY", "Key"]

@@ -37,6 +37,7 @@ from router.keys import create_key, new_webhook_secret
 from router.state import ARCHIVE, CALLBACKS, QUEUE, STORE
 from router.store import Job, JobState
 from router.store.sqlite import SqliteStore
+from router.urls import UrlSigner
 from tests.conftest import png
 from tests.services import Agents, Router, call, router_settings_in, status, until
 
@@ -137,11 +138,12 @@ async def test_callbacks_are_signed_retried_and_arrive_once_in_effect_for_comple
         assert all(verify(client.key.webhook_secret, a) for a in tries)
         assert not verify(admin_secret_of_another_key(), delivery)
         body = json.loads(delivery["body"])
-        assert body == await status(router, client.token, jobId=job_id), "the body is the status answer"
+        assert _unsigned(body) == _unsigned(await status(router, client.token, jobId=job_id)), \
+            "the body is the status answer (its file URLs signed when it was made)"
     assert json.loads(by_job[done["jobId"]]["body"])["jobState"] == "Completed"
     assert json.loads(by_job[done["jobId"]]["body"])["refId"] == "cb-ok"
     [job] = (await call(router, client.token, "QueryJobs", {"refId": "cb-ok"}))["jobs"]
-    assert re.search(r"/artifacts/[0-9a-f]{64}\.png$", job["inputs"]["image"]), job["inputs"]
+    assert re.search(r"/artifacts/[0-9a-f]{64}\.png\?exp=\d+&sig=", job["inputs"]["image"]), job["inputs"]
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {client.token}"}) as http:
         async with http.get(job["inputs"]["image"]) as r:
             assert await r.read() == png(64, 48), "the upload is stored as it came, under a random name"
@@ -171,6 +173,10 @@ async def test_a_callback_links_results_at_the_address_the_client_used(router: R
             assert r.status == 200
         [delivery] = await receiver.wait_for(1)
     assert json.loads(delivery["body"])["results"][0]["url"].startswith("http://media.example.org/artifacts/")
+
+
+def _unsigned(answer: dict[str, Any]) -> dict[str, Any]:
+    return {**answer, "results": [{**r, "url": r["url"].split("?")[0]} if "url" in r else r for r in answer["results"]]}
 
 
 def admin_secret_of_another_key() -> str:
@@ -363,7 +369,8 @@ async def test_a_callback_connects_only_to_an_address_that_passed_the_check(tmp_
         for allowed, outcome in (((), "failed"), (("127.0.0.0/8",), "delivered")):
             store = SqliteStore(tmp_path / f"router-{outcome}.db")
             settings = RouterSettings(callback_allow_networks=allowed, callback_timeout_s=5, callback_retry_s=0.1)
-            sender = CallbackSender(store, settings, new_webhook_secret(), lambda api: {}, resolver=Resolver("127.0.0.1"))
+            sender = CallbackSender(store, settings, new_webhook_secret(), lambda api: {}, UrlSigner("test", 60),
+                                    resolver=Resolver("127.0.0.1"))
             job = store.add_job(Job(id=0, api="Echo", capability="echo", params={}, inputs={}, model=None, megapixels=0,
                                     max_attempts=1, reply_to=url, state=JobState.QUEUED, created=time.time()))
             job.state = JobState.COMPLETED

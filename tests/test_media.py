@@ -18,7 +18,7 @@ from PIL import Image, ImageChops, ImageStat
 from gpugate.settings import Settings
 from router.keys import create_key
 from router.state import STORE
-from tests.conftest import CACHE, png
+from tests.conftest import png
 from tests.services import Agents, Router, call, router_settings_in
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."

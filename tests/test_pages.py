@@ -109,6 +109,8 @@ def _playground(driver: Any, url: str, key: str) -> int:
     image = _wait(driver, "#playground-result img", timeout=180,
                   check=lambda e: driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", e))
     assert driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [64, 64]
+    src = image.get_attribute("src")
+    assert src.startswith(f"{url}/artifacts/") and "&sig=" in src, "the page loads the signed URL, with no header"
     driver.save_screenshot(str(ARTIFACTS / "playground.png"))
     return int(_wait(driver, "#playground-result").get_attribute("data-job-id"))
 

@@ -9,16 +9,14 @@ import time
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
-
-from gpugate.errors import FieldError
+from pydantic import BaseModel, BeforeValidator, Field
 
 from ..keys import create_key
 from ..state import CALLBACKS, FINDER, KEY, METRICS, QUEUE, RETENTION, SESSIONS, STORE
 from ..store import JobQuery, JobState, Key
-from .errors import ApiError, invalid
-from .public import base_url
-from .requests import read_fields
+from .errors import ApiError
+from .public import links
+from .requests import read_fields, validate_fields
 from .responses import AgentInfo, Dashboard, DeviceInfo, JobSummary, KeyInfo, KeysResponse, NewKeyResponse
 
 DASHBOARD_EVERY_S = 1.0
@@ -60,16 +58,9 @@ class RevokeKeyRequest(BaseModel):
     id: Annotated[int, Field(ge=1, lt=2**63)]
 
 
-def _parse(model: type[BaseModel], fields: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(fields)
-    except ValidationError as exc:
-        raise invalid([FieldError(".".join(map(str, e["loc"])) or "body", e["msg"]) for e in exc.errors()]) from None
-
-
 async def create(request: web.Request) -> web.Response:
     _admin(request)
-    asked: NewKeyRequest = _parse(NewKeyRequest, await read_fields(request))
+    asked: NewKeyRequest = validate_fields(NewKeyRequest, await read_fields(request))
     new = create_key(request.app[STORE], asked.name, tuple(asked.apis) if asked.apis else None, asked.admin)
     return web.json_response(NewKeyResponse(key=_key_info(new.key), token=new.token,
                                             webhook_secret=new.key.webhook_secret or "").body())
@@ -77,7 +68,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def revoke(request: web.Request) -> web.Response:
     _admin(request)
-    asked: RevokeKeyRequest = _parse(RevokeKeyRequest, await read_fields(request))
+    asked: RevokeKeyRequest = validate_fields(RevokeKeyRequest, await read_fields(request))
     if not request.app[STORE].revoke_key(asked.id):
         raise ApiError(404, "NotFound", f"no active key {asked.id}")
     return web.json_response(_key_info(next(k for k in request.app[STORE].list_keys() if k.id == asked.id)).body())
@@ -96,10 +87,9 @@ def _dashboard(request: web.Request) -> Dashboard:
                         loaded=sorted(a.loaded), running=sorted(j.id for j in queue.leases_of([a.id])),
                         capabilities=sorted(a.capabilities), models=len(a.models), paused=sessions.paused(a.name, now),
                         draining=a.draining) for a in sessions.remote()]
-    base = base_url(request)
-    problem = app[RETENTION].disk_problem()
+    problem, found = app[RETENTION].disk_problem(), links(request)
     return Dashboard(agents=agents, queue=waiting, running=sum(j.state == JobState.STARTED for j in live),
-                     recent=[JobSummary.of(j, base) for j in app[FINDER].find(JobQuery(limit=20))],
+                     recent=[JobSummary.of(j, found) for j in app[FINDER].find(JobQuery(limit=20))],
                      throughput=app[METRICS].throughput(now), problems=[problem] if problem else [])
 
 

@@ -1,7 +1,8 @@
 """Who may call what: client keys for the public API and artifacts, the agent token for /agent/.
 
-Every path but /health, /openapi.json and the pages' static files needs one: 401 without a valid
-credential, 403 for an API the key may not call.
+Every path but /health, /openapi.json, the pages' static files and signed file URLs (their
+signature is their credential, router/urls.py) needs one: 401 without a valid credential, 403 for an
+API the key may not call.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from aiohttp import web
 from ..keys import authenticate, may_call
 from ..state import KEY, SETTINGS, STORE
 from .errors import ApiError
+from .files import is_signed
 
 OPEN = {"/", "/health", "/openapi.json", "/ui", "/ui/"}
 
@@ -21,6 +23,9 @@ OPEN = {"/", "/health", "/openapi.json", "/ui", "/ui/"}
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path in OPEN or request.path.startswith("/ui/static/"):
+        return await handler(request)
+    if is_signed(request):  # a signed file URL needs no key: the handler checks the signature
+        request[KEY] = None
         return await handler(request)
     header = request.headers.get("Authorization")
     if request.path.startswith("/agent/"):

@@ -21,7 +21,7 @@ from ..state import FINDER, KEY, OUTCOMES, QUEUE
 from ..events import CLOSING
 from ..store import Job, JobQuery, JobState, Key
 from .errors import ApiError, invalid
-from .public import base_url
+from .public import links
 from .requests import APIS, read_fields
 from .responses import JobSummary, JobsResponse, StatusResponse, status_of
 
@@ -65,7 +65,7 @@ async def _find_job(request: web.Request) -> Job:
 def _status(request: web.Request, job: Job) -> StatusResponse:
     queue = request.app[QUEUE]
     model = APIS.get(job.api)
-    return status_of(job, base_url(request), queue.status_text(job), queue.progress.get(job.id),
+    return status_of(job, links(request), queue.status_text(job), queue.progress.get(job.id),
                      model.field_names if model else {})
 
 
@@ -147,5 +147,5 @@ async def query_jobs(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise invalid([FieldError(".".join(map(str, e["loc"])) or "query", e["msg"]) for e in exc.errors()]) from None
     jobs = request.app[FINDER].find(filters.query(request[KEY]))
-    base = base_url(request)
-    return web.json_response(JobsResponse(jobs=[JobSummary.of(j, base) for j in jobs]).body())
+    found = links(request)
+    return web.json_response(JobsResponse(jobs=[JobSummary.of(j, found) for j in jobs]).body())

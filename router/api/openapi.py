@@ -16,13 +16,15 @@ from gpugate import __version__
 
 from . import responses as r
 from .admin import NewKeyRequest, RevokeKeyRequest
+from .files import DeleteFileRequest, DeleteFilesRequest, DeleteFilesResponse
 from .jobs import STATUS_APIS, JobFilter
 from .requests import APIS, ApiRequest, Echo, Transform
 
 REF = "#/components/schemas/{model}"
 ERRORS = {"400": "A field is invalid (one entry per field)", "401": "No valid API key",
-          "403": "This key may not call this API", "404": "No such job or file", "413": "An upload is too large",
-          "500": "The job failed on its agent"}
+          "403": "This key may not call this API, or a signed URL is altered, forged or expired",
+          "404": "No such job or file", "413": "An upload is too large", "500": "The job failed on its agent",
+          "503": "No connected agent could take the job", "507": "The router's file store is low on space"}
 
 
 def routes() -> list[web.RouteDef]:
@@ -38,9 +40,11 @@ async def serve(request: web.Request) -> web.Response:
 @functools.cache
 def document(echo: bool = False) -> dict[str, Any]:
     apis = {**APIS, **({"Echo": Echo} if echo else {})}
-    inputs: list[type[BaseModel]] = [*apis.values(), r.JobLookup, JobFilter, NewKeyRequest, RevokeKeyRequest]
+    inputs: list[type[BaseModel]] = [*apis.values(), r.JobLookup, JobFilter, NewKeyRequest, RevokeKeyRequest,
+                                     DeleteFileRequest, DeleteFilesRequest]
     outputs: list[type[BaseModel]] = [r.GenerationResponse, r.QueueResponse, r.StatusResponse, r.ErrorResponse,
-                                      r.JobsResponse, r.Dashboard, r.KeysResponse, r.NewKeyResponse, r.KeyInfo]
+                                      r.JobsResponse, r.Dashboard, r.KeysResponse, r.NewKeyResponse, r.KeyInfo,
+                                      DeleteFilesResponse]
     _, schemas = models_json_schema([(m, "validation") for m in inputs] + [(m, "serialization") for m in outputs],
                                     by_alias=True, ref_template=REF)
     paths: dict[str, Any] = {}
@@ -78,10 +82,27 @@ def document(echo: bool = False) -> dict[str, Any]:
                                                      _json_body(NewKeyRequest), _ref(r.NewKeyResponse), "The new key")}
     paths["/api/RevokeApiKey"] = {"post": _operation("RevokeApiKey", "admin", "Revoke an API key (admin)",
                                                      _json_body(RevokeKeyRequest), _ref(r.KeyInfo), "The revoked key")}
+    signed = [_query("exp", {"type": "integer"}), _query("sig", {"type": "string"}),
+              _query("download", {"type": "boolean"})]
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    binary = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
     paths["/artifacts/{name}"] = {"get": _operation(
-        "GetArtifact", "files", "A result or uploaded file", None, None, "The file",
-        params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-        content={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})}
+        "GetArtifact", "files", "A result or uploaded file: by its signed URL (no key needed) or the owner's key",
+        None, None, "The file", params=[name, *signed], content=binary)}
+    paths["/variants/{variant}/{name}"] = {"get": _operation(
+        "GetVariant", "files", "A WebP copy of an image at width=W, height=H or both (made once, then cached)",
+        None, None, "The variant", content={"image/webp": {"schema": {"type": "string", "format": "binary"}}},
+        params=[{"name": "variant", "in": "path", "required": True, "schema": {"type": "string", "examples": ["width=256"]}},
+                name, *signed])}
+    deleted = _ref(DeleteFilesResponse)
+    paths["/api/DeleteFile"] = {
+        "delete": _operation("DeleteFile", "files", "Delete one of your files (and its variants)", None, deleted,
+                             "What was deleted", params=[{**_query("path", {"type": "string"}), "required": True}]),
+        "post": _operation("DeleteFilePost", "files", "Delete one of your files (and its variants)",
+                           _json_body(DeleteFileRequest), deleted, "What was deleted")}
+    paths["/api/DeleteFiles"] = {"post": _operation(
+        "DeleteFiles", "files", "Delete your files: each is deleted, missing or failed (not yours, or in use)",
+        _json_body(DeleteFilesRequest), deleted, "What was deleted")}
     paths["/metrics"] = {"get": _operation("GetMetrics", "admin", "Prometheus metrics (admin)", None, None,
                                            "Prometheus text format", content={"text/plain": {"schema": {"type": "string"}}})}
     paths["/health"] = {"get": {"operationId": "Health", "tags": ["admin"], "summary": "Liveness", "security": [],

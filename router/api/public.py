@@ -1,9 +1,11 @@
-"""The public API: generation calls (sync and Queue*) and artifacts.
+"""The public API: generation calls (sync and Queue*); their files are served by files.py.
 
 Handlers parse, hand over to the queue, and answer; the rules live in requests.py and queue.py.
 """
 
 from __future__ import annotations
+
+import time
 
 from aiohttp import web
 
@@ -11,8 +13,9 @@ from gpugate.errors import FieldError
 
 from ..artifacts import Intake
 from ..callbacks import reply_to_problem
-from ..state import ARTIFACTS, CATALOG, FINDER, KEY, QUEUE, RETENTION, SETTINGS
+from ..state import ARTIFACTS, CATALOG, FINDER, KEY, QUEUE, RETENTION, SETTINGS, SIGNER
 from ..store import DuplicateRefId, Job, JobState, Key
+from ..urls import Links
 from .errors import ApiError, invalid
 from .requests import APIS, ApiRequest, Echo, Limits, Upload, parse, read_fields
 from .responses import ErrorResponse, GenerationResponse, QueueResponse, failure_of, results_of, status_kind
@@ -24,7 +27,6 @@ def routes(echo: bool) -> list[web.RouteDef]:
     for name, model in apis.items():
         out.append(web.post(f"/api/{name}", _generation(model, sync=True)))
         out.append(web.post(f"/api/Queue{name}", _generation(model, sync=False)))
-    out.append(web.get("/artifacts/{name}", get_artifact))
     return out
 
 
@@ -79,7 +81,7 @@ def _finished_response(request: web.Request, model: type[ApiRequest], job: Job) 
     if job.state != JobState.COMPLETED:
         status, response_status = failure_of(job, model.field_names)
         return web.json_response(ErrorResponse(response_status=response_status).body(), status=status)
-    return web.json_response(GenerationResponse(results=results_of(job, base_url(request))).body())
+    return web.json_response(GenerationResponse(results=results_of(job, links(request))).body())
 
 
 def base_url(request: web.Request) -> str:
@@ -88,8 +90,8 @@ def base_url(request: web.Request) -> str:
     return (configured or f"{request.scheme}://{request.host}").rstrip("/")
 
 
-async def get_artifact(request: web.Request) -> web.StreamResponse:
-    path = request.app[ARTIFACTS].path(request.match_info["name"])
-    if path is None:
-        raise ApiError(404, "NotFound", "no such artifact")
-    return web.FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+def links(request: web.Request) -> Links:
+    """File URLs for an answer to this request: at the address the client used, freshly signed."""
+    return Links(base_url(request), request.app[SIGNER], time.time())
+
+

@@ -466,6 +466,14 @@ class _Budget:
             yield chunk
 
 
+def validate_fields(model: type[BaseModel], fields: dict[str, Any]) -> Any:
+    """A plain request model (no files, exact field names) from its fields; 400 naming each bad one."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise invalid([FieldError(".".join(map(str, e["loc"])) or "body", e["msg"]) for e in exc.errors()]) from None
+
+
 def parse(model: type[ApiRequest], fields: dict[str, Any]) -> ApiRequest:
     """Validate fields (any key case) against an API's model; 400 with one entry per bad field."""
     names = {}

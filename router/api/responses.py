@@ -1,8 +1,8 @@
 """What the public API answers, as typed models: the handlers, the ReplyTo callbacks and the
 OpenAPI document all use these, so the document cannot drift from the answers.
 
-Field names are AI Server's (camelCase). Builders here are pure: a job and the base URL in, a
-response model out.
+Field names are AI Server's (camelCase). Builders here are pure: a job and its links (router/urls.py:
+where clients reach the router, signed) in, a response model out.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 from gpugate.wire import Progress
 
 from ..store import Job, JobState
+from ..urls import Links
 from .errors import failure_status
 
 
@@ -128,12 +129,12 @@ class JobSummary(_Response):
     error: dict[str, Any] | None
 
     @classmethod
-    def of(cls, job: Job, base_url: str) -> JobSummary:
+    def of(cls, job: Job, links: Links) -> JobSummary:
         return cls(job_id=job.id, ref_id=job.ref_id, api=job.api, tag=job.tag, key_id=job.key_id, job_state=job.state,
                    agent=job.agent, attempts=job.attempt, queued=_when(job.created), started=_when(job.started),
                    finished=_when(job.finished), request=job.params,
-                   inputs={k: f"{base_url}/artifacts/{v}" for k, v in job.inputs.items()},
-                   results=results_of(job, base_url), error=job.error)
+                   inputs={k: links.file(v) for k, v in job.inputs.items()},
+                   results=results_of(job, links), error=job.error)
 
 
 class JobsResponse(_Response):
@@ -149,10 +150,11 @@ def status_kind(results: str) -> str:
     return "GetTextGenerationStatus" if results == "text" else "GetArtifactGenerationStatus"
 
 
-def results_of(job: Job, base_url: str) -> list[GenerationResult]:
+def results_of(job: Job, links: Links) -> list[GenerationResult]:
+    """A job's results; file URLs are signed (router/urls.py), so they work without a header."""
     if not job.results:
         return []
-    files = [GenerationResult(url=f"{base_url}/artifacts/{a['name']}", file_name=a["name"], provider=job.agent)
+    files = [GenerationResult(url=links.file(a["name"]), file_name=a["name"], provider=job.agent)
              for a in job.results.get("artifacts", [])]
     texts = [GenerationResult(text=t) for t in job.results.get("texts", [])]
     if texts and job.results.get("details"):
@@ -178,10 +180,10 @@ def failure_of(job: Job, field_names: dict[str, str]) -> tuple[int, ResponseStat
     return status, ResponseStatus.model_validate(body)
 
 
-def status_of(job: Job, base_url: str, text: str, progress: Progress | None,
+def status_of(job: Job, links: Links, text: str, progress: Progress | None,
               field_names: dict[str, str]) -> StatusResponse:
     answer = StatusResponse(job_id=job.id, ref_id=job.ref_id, job_state=job.state, status=text,
-                            results=results_of(job, base_url))
+                            results=results_of(job, links))
     if job.state == JobState.STARTED and progress is not None:
         answer.progress = JobProgress(step=progress.step, total=progress.total, stage=progress.node)
     if job.state in (JobState.FAILED, JobState.CANCELLED):

@@ -102,6 +102,16 @@ class Key:
     webhook_secret: str | None = None  # signs this key's callbacks (else the server's secret)
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """A file of the store and whose it is: the job (and so the key) it came with or from."""
+
+    name: str
+    job_id: int
+    key_id: int | None
+    label: str | None  # a readable file name, for downloads
+
+
 class DuplicateRefId(Exception):
     """A key used a refId it already used."""
 
@@ -125,6 +135,7 @@ class Store(Protocol):
     def backfill(self, jobs: list[Job]) -> None: ...
     def mark_current(self) -> None: ...
     # files the jobs own (inputs and outputs), for retention
+    def file(self, name: str) -> StoredFile | None: ...
     def owned_files(self, names: list[str]) -> set[str]: ...
     def expired_files(self, finished_before: float, limit: int) -> list[str]: ...
     def forget_files(self, names: list[str]) -> None: ...

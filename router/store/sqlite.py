@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key
+from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, StoredFile
 
 SCHEMA_VERSION = 2  # PRAGMA user_version: 2 = leases, refs and files
 JOBS_TABLE = """
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS refs (
     key_id INTEGER NOT NULL, ref_id TEXT NOT NULL, job_id INTEGER NOT NULL, PRIMARY KEY (key_id, ref_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS files (
-    name TEXT PRIMARY KEY, job_id INTEGER NOT NULL, finished REAL
+    name TEXT PRIMARY KEY, job_id INTEGER NOT NULL, key_id INTEGER, label TEXT, finished REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_job ON files (job_id);
 CREATE INDEX IF NOT EXISTS files_finished ON files (finished) WHERE finished IS NOT NULL;
@@ -79,7 +79,8 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")  # `gpugate keys` may write while the router runs
-        add_missing_columns(self._db, {"jobs": ADDED_JOB_COLUMNS, "api_keys": {"webhook_secret": "TEXT"}})
+        add_missing_columns(self._db, {"jobs": ADDED_JOB_COLUMNS, "api_keys": {"webhook_secret": "TEXT"},
+                                        "files": {"key_id": "INTEGER", "label": "TEXT"}})
         self._db.executescript(SCHEMA)
         if self.needs_backfill():
             self.backfill(self.find_jobs(JobQuery(limit=2**62)))
@@ -102,8 +103,8 @@ class SqliteStore:
                                      (job.key_id or 0, job.ref_id, job.id))
                 except sqlite3.IntegrityError as exc:
                     raise DuplicateRefId(job.ref_id) from exc
-            self._db.executemany("INSERT OR IGNORE INTO files (name, job_id) VALUES (?, ?)",
-                                 [(name, job.id) for name in job.inputs.values()])
+            self._db.executemany("INSERT OR IGNORE INTO files (name, job_id, key_id, label) VALUES (?, ?, ?, ?)",
+                                 [(name, job.id, job.key_id, label) for name, label in inputs_of(job)])
         return job
 
     def get_job(self, job_id: int) -> Job | None:
@@ -145,8 +146,8 @@ class SqliteStore:
                  job.attempt, JobState.QUEUED, JobState.STARTED))
             if cur.rowcount != 1:
                 return False
-            self._db.executemany("INSERT OR IGNORE INTO files (name, job_id) VALUES (?, ?)",
-                                 [(name, job.id) for name in outputs_of(job)])
+            self._db.executemany("INSERT OR IGNORE INTO files (name, job_id, key_id, label) VALUES (?, ?, ?, ?)",
+                                 [(name, job.id, job.key_id, label) for name, label in outputs_of(job)])
             self._db.execute("UPDATE files SET finished = ? WHERE job_id = ?", (now, job.id))
             if delivery is not None:
                 values = [getattr(delivery, c) for c in _DELIVERY_COLUMNS]
@@ -190,14 +191,18 @@ class SqliteStore:
         with self._transaction():
             self._db.executemany("INSERT OR IGNORE INTO refs (key_id, ref_id, job_id) VALUES (?, ?, ?)",
                                  [(j.key_id or 0, j.ref_id, j.id) for j in jobs if j.ref_id is not None])
-            self._db.executemany("INSERT OR IGNORE INTO files (name, job_id, finished) VALUES (?, ?, ?)",
-                                 [(name, j.id, j.finished) for j in jobs
-                                  for name in (*j.inputs.values(), *outputs_of(j))])
+            self._db.executemany("INSERT OR IGNORE INTO files (name, job_id, key_id, label, finished) VALUES (?, ?, ?, ?, ?)",
+                                 [(name, j.id, j.key_id, label, j.finished) for j in jobs
+                                  for name, label in (*inputs_of(j), *outputs_of(j))])
 
     def mark_current(self) -> None:
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # ---- files the jobs own ------------------------------------------------------------------------
+
+    def file(self, name: str) -> StoredFile | None:
+        row = self._db.execute("SELECT * FROM files WHERE name = ?", (name,)).fetchone()
+        return StoredFile(row["name"], row["job_id"], row["key_id"], row["label"]) if row else None
 
     def owned_files(self, names: list[str]) -> set[str]:
         """Which of ``names`` belong to a job (the rest are orphans)."""
@@ -269,9 +274,14 @@ class SqliteStore:
         self._db.execute("COMMIT")
 
 
-def outputs_of(job: Job) -> list[str]:
-    """The stored names of a job's output files."""
-    return [a["name"] for a in (job.results or {}).get("artifacts", [])]
+def inputs_of(job: Job) -> list[tuple[str, str]]:
+    """A job's uploaded files: (stored name, a readable name: the field's)."""
+    return [(name, field + Path(name).suffix) for field, name in job.inputs.items()]
+
+
+def outputs_of(job: Job) -> list[tuple[str, str]]:
+    """A job's output files: (stored name, the name its agent gave it)."""
+    return [(a["name"], a.get("file_name") or a["name"]) for a in (job.results or {}).get("artifacts", [])]
 
 
 def add_missing_columns(db: sqlite3.Connection, tables: dict[str, dict[str, str]]) -> None:

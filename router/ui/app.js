@@ -214,6 +214,10 @@ async function runPlayground(event) {
   }
 }
 
+const KINDS = { image: ["png", "jpg", "jpeg", "webp", "gif", "bmp", "tiff"], audio: ["wav", "mp3", "ogg", "flac", "aac", "m4a"],
+                video: ["mp4", "webm", "mov", "mkv", "avi", "wmv", "mpeg"] };
+const mediaKind = (name) => Object.keys(KINDS).find((k) => KINDS[k].includes(name.split(".").pop().toLowerCase()));
+
 async function showResult(status) {
   const result = $("#playground-result");
   $("#playground-progress").hidden = true;
@@ -225,14 +229,12 @@ async function showResult(status) {
       result.append(el("pre", { text: item.text }));
       continue;
     }
-    const response = await fetch(item.url, { headers: auth() });
-    const blob = await response.blob();
-    const url = URL.createObjectURL(blob);
-    const kind = blob.type.split("/")[0];
-    if (kind === "image") result.append(el("img", { src: url, alt: item.fileName }));
-    else if (kind === "audio") result.append(el("audio", { src: url, controls: true }));
-    else if (kind === "video") result.append(el("video", { src: url, controls: true }));
-    result.append(el("a", { href: url, download: item.fileName, text: item.fileName }));
+    // result URLs are signed: the browser loads them as they are, no header needed
+    const kind = mediaKind(item.fileName);
+    if (kind === "image") result.append(el("img", { src: item.url, alt: item.fileName }));
+    else if (kind === "audio") result.append(el("audio", { src: item.url, controls: true }));
+    else if (kind === "video") result.append(el("video", { src: item.url, controls: true }));
+    result.append(el("a", { href: `${item.url}&download=true`, text: item.fileName }));
   }
 }
 
