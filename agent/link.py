@@ -320,8 +320,10 @@ class RouterLink:
                 self._session.send(Progress(job_id=offer.job_id, attempt=offer.attempt, step=p.step, total=p.total,
                                             node=p.node))
 
-        with tempfile.TemporaryDirectory(prefix=f"gpugate-inputs-{offer.job_id}-") as folder:
-            params: dict[str, Any] = dict(offer.params)
+        params: dict[str, Any] = dict(offer.params)
+        if not offer.inputs:
+            return await runner.run(offer.capability, f"{offer.job_id}-{offer.attempt}", params, progress)
+        with tempfile.TemporaryDirectory(prefix=f"gpugate-inputs-{offer.job_id}-") as folder:  # downloads, if any
             for name, file in offer.inputs.items():
                 params[name] = await self._fetch(name, file, Path(folder))
             return await runner.run(offer.capability, f"{offer.job_id}-{offer.attempt}", params, progress)
