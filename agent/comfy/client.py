@@ -58,6 +58,7 @@ class _Watch:
         self.prompt = prompt
         self.on_progress = on_progress
         self.signals: asyncio.Queue[str | JobFailed] = asyncio.Queue()
+        self.submitted = False  # a ComfyUI has it: that ComfyUI dying fails it
 
     def progress(self, progress: Progress) -> None:
         if self.on_progress is not None:
@@ -119,6 +120,7 @@ class ComfyClient:
         watch = self._watches[prompt_id] = _Watch(prompt, on_progress)
         try:
             await self._wait_connected(timeout)
+            watch.submitted = True
             refusal = await self._submit(prompt, prompt_id, namer)
             if refusal is not None:  # ComfyUI queued the part that validated: take it back first
                 await self._stop(prompt_id, watch)
@@ -180,9 +182,11 @@ class ComfyClient:
             raise WorkerLost("ComfyUI lost the prompt: it restarted while the event connection was down")
 
     def fail_all(self, failure: JobFailed) -> None:
-        """Fail every waiting prompt at once (the supervisor saw ComfyUI die)."""
+        """Fail every prompt the dead ComfyUI had (the supervisor saw it die). A prompt still waiting
+        to be submitted goes to the ComfyUI that comes back instead."""
         for watch in self._watches.values():
-            watch.signals.put_nowait(failure)
+            if watch.submitted:
+                watch.signals.put_nowait(failure)
 
     # ---- HTTP ----------------------------------------------------------------------------------
 

@@ -155,6 +155,8 @@ class ComfyEngine:
                 await self.process.wait_ready(self.settings.comfy.startup_timeout_s)
             except EngineUnavailable as exc:  # not back in time: another agent may be
                 raise WorkerLost(str(exc)) from None
+        if not self._object_info:  # forgotten when ComfyUI died: read the new one's
+            await self.refresh()
         values = await self._validate(template, params)
         refs: list[OutputRef] = []
         try:

@@ -115,12 +115,13 @@ class ComfyProcess:
                 assert self._proc is not None
                 started = time.monotonic()
                 returncode = await self._exit_or_hang(http)
+                self._ready.clear()  # before anything else: no new job may go to the dead one
+                if not self._stopping:
+                    log.warning("ComfyUI exited", extra={"returncode": returncode, "pid": self._proc.pid})
+                    self._on_exit(returncode)
                 await self._drain_log()
-                self._ready.clear()
                 if self._stopping:
                     return
-                log.warning("ComfyUI exited", extra={"returncode": returncode, "pid": self._proc.pid})
-                self._on_exit(returncode)
                 if time.monotonic() - started > STABLE_AFTER_S:
                     delay = self._backoff_s
                 while not self._stopping:
@@ -151,6 +152,7 @@ class ComfyProcess:
                     last_ok = now
                 elif now - last_ok >= self._liveness_timeout_s:
                     log.error("ComfyUI stopped answering; killing it", extra={"pid": proc.pid, "silent_s": round(now - last_ok)})
+                    self._ready.clear()
                     proc.kill()
                     return await exited
                 await asyncio.wait({exited}, timeout=self._liveness_every_s)
