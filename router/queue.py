@@ -98,6 +98,7 @@ class JobQueue:
         """Start the job's next attempt under ``session``'s lease; False if it is no longer queued."""
         now = time.time()
         if not self.store.claim(job, agent, session, now):
+            self._reload(job)  # it changed under us: follow the store
             return False
         job.state, job.agent, job.session, job.lease_expires = JobState.STARTED, agent, session, None
         job.attempt += 1
