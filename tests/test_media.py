@@ -3,6 +3,7 @@ Piper and ffmpeg for real. Outputs are checked with ffprobe; hostile inputs are 
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import re
@@ -92,6 +93,13 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
+def words_missed(heard: str, said: str) -> int:
+    """How many of the said words are not heard, in order. Piper adds random noise to every
+    utterance (its noise scales), so the tiny Whisper model sometimes hears "jumped" for "jumps"."""
+    matcher = difflib.SequenceMatcher(a=words(said), b=words(heard), autojunk=False)
+    return len(words(said)) - sum(block.size for block in matcher.get_matching_blocks())
+
+
 # ---- speech -----------------------------------------------------------------------------------------
 
 
@@ -101,7 +109,7 @@ async def test_speech_round_trip_gives_the_same_words_back(router: Router, agent
     assert ffprobe(audio, tmp_path)["acodec"] == "pcm_s16le"
     heard = await call(router, key, "SpeechToText", form(audio=audio))
     [result] = heard["results"]
-    assert words(result["text"]) == words(SENTENCE)
+    assert words_missed(result["text"], SENTENCE) <= 1, result["text"]
     assert result["language"] == "en" and result["segments"][0]["start"] == 0.0
     assert result["segments"][-1]["end"] == pytest.approx(result["duration"], abs=1.0)
     assert "using the router's file store directly" in (agent.root / "speaker.log").read_text(), \
