@@ -12,6 +12,10 @@ job ends), files by name (agent/files.py). Jobs belong to the agent, not to a co
   is left and hands it back as ``shutdown`` (queued again without using an attempt).
 - The router may refuse a connection (the name is taken by another agent, another wire version):
   the reason is logged and the link keeps trying, more slowly.
+- Warm-up (``agent.warm_models``), once per process: the agent joins at once (the router sees it)
+  but sends its first Pull only once each listed model is loaded by a tiny job on the runner that
+  has it, and the router has been told they are loaded, so it sends the jobs for them here first.
+  A model no runner has, or one that fails to load, is logged and skipped.
 
 Faults are classified here, where they are met: a job's input missing from the router is an
 infrastructure fault, an OSError (a full disk) too, a lost connection to the router during a file
@@ -50,6 +54,7 @@ from .gpu import report_devices
 from .runners import JobProgress, Runner, RunResult
 
 log = logging.getLogger(__name__)
+WARM_LIMIT_S = 900.0  # for warming every model in agent.warm_models: then the agent serves anyway
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 5.0
 REFUSED_RETRY_S = 10.0  # after the router refused this agent (its name in use, another version)
 HANDBACK_S = 10.0  # after the grace period: how long hand-backs may take to be acknowledged
@@ -113,21 +118,23 @@ class RouterLink:
         self._settled = asyncio.Event()  # no work held
         self._settled.set()
         self._answers = asyncio.Event()  # an answer is ready to be delivered
+        self._warm = asyncio.Event()  # warm-up is over: jobs may be pulled
 
     # ---- lifetime ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected (reconnecting with backoff) until ``stop`` is set, then drain and leave."""
         connection = asyncio.create_task(self._stay_connected(), name="router-connection")
+        warming = asyncio.create_task(self._warm_up(), name="warm-up")
         try:
             await stop.wait()
             await self._drain()
         finally:
             connection.cancel()
             tasks = [w.task for w in self.work.values() if w.task is not None]
-            for task in tasks:
+            for task in [warming, *tasks]:
                 task.cancel()
-            await asyncio.gather(connection, *tasks, return_exceptions=True)
+            await asyncio.gather(connection, warming, *tasks, return_exceptions=True)
             (self.settings.health_dir / f"{self.name}.json").unlink(missing_ok=True)
 
     async def _drain(self) -> None:
@@ -179,8 +186,7 @@ class RouterLink:
                                              "resumed": len(welcome.resumed)})
             if self.draining:
                 session.send(Leaving())
-            elif free := self.settings.agent.concurrency - sum(w.answer is None for w in self.work.values()):
-                session.send(Pull(slots=free))
+            self._pull(session)
             self._session = session
             self._answers.set()  # answers waiting from before this connection go out now
             tasks = [asyncio.create_task(self._send(ws, session), name="send"),
@@ -250,11 +256,57 @@ class RouterLink:
             await asyncio.sleep(self.settings.agent.heartbeat_s)
             models, capabilities = await self._models(), self._capabilities()
             _, devices = await asyncio.to_thread(report_devices, self.settings)  # NVML: off the event loop
-            session.send(Heartbeat(devices=devices, loaded=[m for r in self._runners for m in r.loaded()],
+            session.send(Heartbeat(devices=devices, loaded=self._loaded(),
                                    models=models if models != last_models else None,
                                    capabilities=capabilities if capabilities != last_capabilities else None))
             last_models, last_capabilities = models, capabilities
             await asyncio.to_thread(self._mark_alive)
+
+    def _pull(self, session: _Session) -> None:
+        """Ask for a job per free slot, unless draining or still warming up."""
+        free = self.settings.agent.concurrency - sum(w.answer is None for w in self.work.values())
+        if free > 0 and self._warm.is_set() and not self.draining:
+            session.send(Pull(slots=free))
+
+    # ---- warm-up ---------------------------------------------------------------------------------
+
+    async def _warm_up(self) -> None:
+        """Load each of ``agent.warm_models`` on the runner that has it (all within
+        ``WARM_LIMIT_S``), then tell the router what is loaded and pull the first jobs (on the
+        connection there is then, or on the next one). Whatever goes wrong, pulling starts."""
+        try:
+            if models := self.settings.agent.warm_models:
+                log.info("warming models", extra={"agent": self.name, "models": ",".join(models)})
+                warm: list[str] = []
+                try:
+                    async with asyncio.timeout(WARM_LIMIT_S):
+                        for model in models:
+                            await self._warm_one(model, warm)
+                except TimeoutError:
+                    log.warning("warming took too long; serving without the rest", extra={"limit_s": WARM_LIMIT_S})
+                log.info("models warm", extra={"agent": self.name, "models": ",".join(warm) or "none"})
+                _, devices = await asyncio.to_thread(report_devices, self.settings)
+                if self._session is not None:
+                    self._session.send(Heartbeat(devices=devices, loaded=self._loaded()))
+        except Exception:  # never keep the agent from serving
+            log.exception("warm-up failed; serving anyway")
+        finally:
+            self._warm.set()
+            if self._session is not None:
+                self._pull(self._session)
+
+    async def _warm_one(self, model: str, warm: list[str]) -> None:
+        try:
+            for runner in self._runners:
+                if await runner.warm(model):
+                    warm.append(model)
+                    return
+            log.warning("no runner here has this model; not warming it", extra={"model": model})
+        except Exception as exc:  # a model that does not load must not keep the agent from serving
+            log.warning("warming a model failed", extra={"model": model, "error": f"{type(exc).__name__}: {exc}"})
+
+    def _loaded(self) -> list[str]:
+        return [m for r in self._runners for m in r.loaded()]
 
     # ---- jobs ------------------------------------------------------------------------------------
 

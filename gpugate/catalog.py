@@ -1,11 +1,11 @@
 """The model catalog (models/catalog.toml): names clients use, the files they are, and where to
 download them from, with sizes, SHA-256 hashes and the VRAM they need.
 
-The router resolves names to files with it; `gpugate models list/pull` on an agent host downloads
-from it. A name in the catalog maps to its file; a name that is itself a file name (it has an
-extension) is used as is, so a model dropped into an agent's models/ is callable without an entry.
-Speech models (whisper sizes, piper voices) are named, not files, and always pass through. Each
-kind may have a default, used when a request names no model.
+The router resolves names to files with it (router/models.py, which also knows the files the
+agents report, so a model dropped into an agent's models/ is callable without an entry);
+`gpugate models list/pull` on an agent host downloads from it. A name or one of its aliases maps
+to its file. Speech models (whisper sizes, piper voices) are named, not files. Each kind may have
+a default, used when a request names no model.
 
 An entry downloads as one file (``url``, ``size``, ``sha256``) or several (``[[models.X.files]]``
 with ``path``, ``url``, ``size``, ``sha256``); paths are inside models/<kind>/.
@@ -41,6 +41,8 @@ class CatalogEntry:
     vram_gb: float | None = None
     token_env: str | None = None  # an environment variable holding a token for gated downloads
     description: str = ""
+    family: str | None = None  # an image model's family (workflows/families.toml); else the agents detect it
+    aliases: tuple[str, ...] = ()  # other ids clients send for it (AI Server's model ids)
 
     def installed(self, models_dir: Path) -> bool:
         folder = models_dir / self.kind
@@ -60,13 +62,37 @@ def _entry(name: str, m: dict[str, Any]) -> CatalogEntry:
         if Path(f["path"]).is_absolute() or ".." in Path(f["path"]).parts:
             raise ConfigError(f"model {name!r}: file path {f['path']!r} must stay inside models/{m['kind']}/")
         files.append(CatalogFile(f["path"], f["url"], f.get("size"), sha256))
+    aliases = m.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise ConfigError(f"model {name!r}: aliases must be a list of names")
     return CatalogEntry(name, m["kind"], m["file"], bool(m.get("default", False)), tuple(files), m.get("vram_gb"),
-                        m.get("token_env"), m.get("description", ""))
+                        m.get("token_env"), m.get("description", ""), m.get("family"), tuple(aliases))
 
 
 class Catalog:
     def __init__(self, entries: list[CatalogEntry]) -> None:
         self.entries = {e.name: e for e in entries}
+        self._ids: dict[str, CatalogEntry] = {}  # names and aliases
+        for entry in entries:
+            for id_ in (entry.name, *entry.aliases):
+                if id_ in self._ids and self._ids[id_] is not entry:
+                    raise ConfigError(f"model id {id_!r} names both {self._ids[id_].name!r} and {entry.name!r}")
+                self._ids[id_] = entry
+
+    def find(self, name: str, kind: str | None = None) -> CatalogEntry | None:
+        """The entry a name or alias stands for (of ``kind``, when given)."""
+        entry = self._ids.get(name)
+        return entry if entry is not None and (kind is None or entry.kind == kind) else None
+
+    def by_file(self, kind: str, file: str) -> CatalogEntry | None:
+        return next((e for e in self.entries.values() if e.kind == kind and e.file == file), None)
+
+    def default(self, kind: str) -> CatalogEntry | None:
+        return next((e for e in self.entries.values() if e.kind == kind and e.default), None)
+
+    def ids(self, kind: str) -> list[str]:
+        """Every name and alias of ``kind``."""
+        return [id_ for id_, e in self._ids.items() if e.kind == kind]
 
     @classmethod
     def load(cls, path: Path) -> Catalog:
@@ -77,15 +103,3 @@ class Catalog:
             return cls([_entry(name, m) for name, m in data.get("models", {}).items()])
         except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: {type(exc).__name__}: {exc}") from exc
-
-    def resolve(self, name: str | None, kind: str) -> str | None:
-        """The file for ``name`` (or the kind's default); ValueError with the known names if unknown."""
-        if not name:
-            return next((e.file for e in self.entries.values() if e.kind == kind and e.default), None)
-        entry = self.entries.get(name)
-        if entry is not None and entry.kind == kind:
-            return entry.file
-        if ("." in name or kind in NAMED_KINDS) and "/" not in name:
-            return name
-        known = ", ".join(e.name for e in self.entries.values() if e.kind == kind) or "none"
-        raise ValueError(f"unknown model {name!r}; known: {known}")

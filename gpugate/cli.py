@@ -92,7 +92,23 @@ def _parser() -> argparse.ArgumentParser:
                      help="a parameter; image parameters take a file path")
     run.add_argument("--out", type=Path, default=Path("."), help="folder for the outputs (default: .)")
     run.set_defaults(func=_workflow_run)
+
+    remote = commands.add_parser("run", help="run a workflow some agent serves, through a router")
+    remote.add_argument("name", metavar="WORKFLOW")
+    remote.add_argument("--router", required=True, metavar="URL")
+    remote.add_argument("--key", help="an API key (default: $GPUGATE_API_KEY)")
+    remote.add_argument("--set", dest="values", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter; image parameters take a file path")
+    remote.add_argument("--out", type=Path, default=Path("."), help="folder for the outputs (default: .)")
+    remote.set_defaults(func=_run_remote)
     return parser
+
+
+def _run_remote(settings: Settings, args: argparse.Namespace) -> None:
+    from .remote import run_workflow
+
+    for line in asyncio.run(run_workflow(args.router, args.key, args.name, args.values, args.out)):
+        print(line)
 
 
 def _provision(settings: Settings, args: argparse.Namespace) -> None:

@@ -141,6 +141,7 @@ class Router(_Section):
     orphan_grace_s: float = 3600.0  # files no job owns are deleted once this old
     min_free_disk_mb: float = 1024.0  # below this much free space in the file store, uploads get 507 (0: off)
     catalog: Path = Path("models/catalog.toml")  # model names -> files
+    families: Path = Path("workflows/families.toml")  # model family -> workflow and defaults per image task
     echo_api: bool = False  # /api/Echo, a no-op job for benchmarks
     # ReplyTo callbacks: signed with the key's webhook secret, else this one (default: made in data/webhook_secret)
     webhook_secret: str | None = None
@@ -168,7 +169,7 @@ class Router(_Section):
         host = "127.0.0.1" if self.listen in ("0.0.0.0", "::", "") else self.listen
         return f"http://{host}:{self.port}"
 
-    @field_validator("catalog", mode="after")
+    @field_validator("catalog", "families", mode="after")
     @classmethod
     def _resolve(cls, v: Path) -> Path:
         return _from_root(v)
@@ -198,6 +199,9 @@ class Agent(_Section):
     gpu: int | None = None  # this worker's GPU (set per worker; or by hand to serve one GPU only)
     # what this agent offers: comfy (the workflows), speech (whisper, piper), media (ffmpeg), echo (benchmarks)
     runners: tuple[Literal["comfy", "speech", "media", "echo"], ...] = ("comfy", "speech", "media")
+    # loaded at start, by a tiny job each, before the first job is pulled: model file names as the agent
+    # lists them (a checkpoint "sd15.safetensors", an upscaler, a whisper model "tiny.en", a piper voice)
+    warm_models: tuple[str, ...] = ()
 
 
 class Settings(_Section):

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from .errors import FailureKind, JobFailed
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3  # 3: workflows' declared parameters (Capability.params), models' families
 
 
 class _Message(BaseModel):
@@ -45,6 +45,21 @@ class Model(_Message):
     kind: str
     name: str
     size: int | None = None
+    family: str | None = None  # sd15, sdxl, flux1-schnell, ... (gpugate/families.py), when the agent could tell
+
+
+class WorkflowParam(_Message):
+    """One parameter a workflow declares (agent/comfy/workflows.py), as callers see it."""
+
+    type: str  # string | int | float | bool | seed | choice | model | image
+    description: str = ""
+    required: bool = False
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: int | None = None
+    values: list[str] | None = None  # what a choice or model accepts, as ComfyUI lists it on this agent
+    kind: str | None = None  # a model parameter's kind (checkpoints, ...)
 
 
 class Capability(_Message):
@@ -54,6 +69,8 @@ class Capability(_Message):
     model_kind: str | None = None  # the kind of model it loads, when it takes one
     vram_base: int | None = None  # bytes on top of the model
     vram_per_megapixel: int | None = None  # bytes per output megapixel (x batch)
+    description: str = ""
+    params: dict[str, WorkflowParam] | None = None  # a workflow's declared parameters; None: not a workflow
 
 
 class Artifact(_Message):

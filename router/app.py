@@ -22,7 +22,7 @@ from aiohttp import web
 from gpugate.catalog import Catalog
 from gpugate.settings import Settings
 
-from .api import admin, files, jobs, openapi, pages, public
+from .api import admin, discovery, files, jobs, openapi, pages, public
 from .api import agents as agent_api
 from .api.auth import auth_middleware
 from .api.errors import error_middleware
@@ -32,16 +32,18 @@ from .artifacts import ArtifactStore
 from .callbacks import CallbackSender
 from .dispatch import Dispatcher
 from .events import JobEvents
+from .families import FamilyTable
 from .keys import new_webhook_secret, read_or_make
 from .local import local_worker
 from .lookup import JobFinder
 from .metrics import Metrics
+from .models import ModelBook
 from .outcomes import Outcomes
 from .queue import JobQueue
 from .retention import Retention
 from .sessions import SessionRegistry
 from .state import (
-    ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, DISPATCHER, FINDER, METRICS, OUTCOMES, QUEUE, RETENTION, SESSIONS, SETTINGS,
+    ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, DISPATCHER, FINDER, METRICS, MODELS, OUTCOMES, QUEUE, RETENTION, SESSIONS, SETTINGS,
     SIGNER, STORE,
 )
 from .store import Store
@@ -59,11 +61,12 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[CATALOG] = Catalog.load(settings.router.catalog)
     app[ARTIFACTS] = ArtifactStore(settings.artifacts_dir)
     app[SESSIONS] = SessionRegistry(settings.router.agent_failure_limit, settings.router.agent_pause_s)
+    app[MODELS] = ModelBook(app[CATALOG], FamilyTable.load(settings.router.families), app[SESSIONS])
     app[ARCHIVE] = JobArchive(settings.archive_dir)
     app[METRICS] = Metrics()
     app[SIGNER] = url_signer(settings)
     app.add_routes([web.get("/health", health), *public.routes(settings.router.echo_api), *jobs.routes(),
-                    *files.routes(), *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
+                    *files.routes(), *discovery.routes(), *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
     app.cleanup_ctx.append(_store(store))
     app.cleanup_ctx.append(_jobs)
     app.on_shutdown.append(_stop_waiting)

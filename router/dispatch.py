@@ -20,7 +20,7 @@ from gpugate.wire import Failure, JobOffer
 from .queue import JobQueue
 from .scheduler import JobNeeds, Unplaceable, choose
 from .sessions import AgentSession, SessionRegistry
-from .store import JobState
+from .store import Job, JobState
 
 log = logging.getLogger(__name__)
 RETRY_S = 1.0  # after a failing pass (the store busy, say)
@@ -49,13 +49,18 @@ class Dispatcher:
                 await asyncio.sleep(RETRY_S)
                 self._wake.set()
 
+    def cannot_place(self, job: Job, now: float) -> str | None:
+        """Why no connected agent could ever take this job as things stand (none runs it or has its
+        model), or None: one could, now or once it has the memory or a free slot."""
+        choice = choose(_needs(job), self.sessions.views(self.queue.running_by_session(), now))
+        return choice.reason if isinstance(choice, Unplaceable) and choice.missing else None
+
     async def dispatch(self, now: float) -> None:
         """One pass over the queued jobs, oldest first."""
         offers: list[tuple[AgentSession, JobOffer]] = []
         running = self.queue.running_by_session()
         for job in self.queue.queued():
-            needs = JobNeeds(job.capability, job.model, job.megapixels, job.min_free_vram, frozenset(job.avoid))
-            choice = choose(needs, self.sessions.views(running, now))
+            choice = choose(_needs(job), self.sessions.views(running, now))
             if isinstance(choice, Unplaceable):
                 self._waits(job.id, choice, now)
                 continue
@@ -87,3 +92,7 @@ class Dispatcher:
             message = f"no connected agent could take it for {now - since:.0f}s: {why.reason}"
             log.warning("job unschedulable", extra={"job": job_id, "error": message})
             self.queue.finish(job, JobState.FAILED, Failure(kind=FailureKind.UNSCHEDULABLE, message=message))
+
+
+def _needs(job: Job) -> JobNeeds:
+    return JobNeeds(job.capability, job.model, job.megapixels, job.min_free_vram, frozenset(job.avoid))

@@ -46,6 +46,7 @@ class JobNeeds:
 class Unplaceable:
     reason: str
     busy: bool = False  # capable agents exist but none is free now: a wait, not a lack of capacity
+    missing: bool = False  # no connected agent runs it or has its model at all (not merely memory now)
 
 
 def vram_needed(job: JobNeeds, capability: Capability, model_size: int | None) -> int:
@@ -58,14 +59,14 @@ def vram_needed(job: JobNeeds, capability: Capability, model_size: int | None) -
 def choose(job: JobNeeds, agents: Iterable[AgentView]) -> AgentView | Unplaceable:
     pool = list(agents)
     if not pool:
-        return Unplaceable("no agent is connected")
+        return Unplaceable("no agent is connected", missing=True)
     able = [a for a in pool if job.capability in a.capabilities]
     if not able:
-        return Unplaceable(f"no agent can run {job.capability}")
+        return Unplaceable(f"no agent can run {job.capability}", missing=True)
     if job.model is not None:
         able = [a for a in able if (_kind(a, job), job.model) in a.models]
         if not able:
-            return Unplaceable(f"no agent has model {job.model}")
+            return Unplaceable(f"no agent has model {job.model}", missing=True)
     needs = {a.name: _need(job, a) for a in able}
     fits = [a for a in able if a.free_vram >= needs[a.name] and (not job.min_free_vram or a.free_vram > job.min_free_vram)]
     if not fits:

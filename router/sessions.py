@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gpugate.errors import FailureKind
@@ -99,6 +99,9 @@ class SessionRegistry:
     def __init__(self, failure_limit: int = 3, pause_s: float = 60.0) -> None:
         self.sessions: dict[str, AgentSession] = {}  # agent name -> its live session
         self.health: dict[str, AgentHealth] = {}  # agent name -> its record (outlives sessions)
+        # workflow name -> its declaration as last reported: outlives a ComfyUI restart (which withdraws
+        # the workflows for a while) and the agent's absence, so calls for it queue meanwhile
+        self.declared: dict[str, Capability] = {}
         self._by_id: dict[str, AgentSession] = {}
         self._failure_limit, self._pause_s = failure_limit, pause_s
 
@@ -122,7 +125,17 @@ class SessionRegistry:
         if older is not None:
             self._by_id.pop(older.id, None)
         self.sessions[name] = self._by_id[session.id] = session
+        self._remember(hello.capabilities)
         return session, older
+
+    def heard(self, session: AgentSession, beat: Heartbeat) -> None:
+        session.heard(beat)
+        self._remember(beat.capabilities or ())
+
+    def _remember(self, capabilities: Iterable[Capability]) -> None:
+        for capability in capabilities:
+            if capability.params is not None:
+                self.declared[capability.name] = capability
 
     def leave(self, session: AgentSession) -> bool:
         """Forget the session, unless a newer one under its name has replaced it."""

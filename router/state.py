@@ -13,6 +13,7 @@ from .callbacks import CallbackSender
 from .dispatch import Dispatcher
 from .lookup import JobFinder
 from .metrics import Metrics
+from .models import ModelBook
 from .outcomes import Outcomes
 from .queue import JobQueue
 from .retention import Retention
@@ -30,6 +31,7 @@ OUTCOMES = web.AppKey("outcomes", Outcomes)
 ARTIFACTS = web.AppKey("artifacts", ArtifactStore)
 RETENTION = web.AppKey("retention", Retention)
 CATALOG = web.AppKey("catalog", Catalog)
+MODELS = web.AppKey("models", ModelBook)
 ARCHIVE = web.AppKey("archive", JobArchive)
 CALLBACKS = web.AppKey("callbacks", CallbackSender)
 METRICS = web.AppKey("metrics", Metrics)
@@ -37,4 +39,4 @@ SIGNER = web.AppKey("signer", UrlSigner)
 KEY = web.RequestKey("key", Key | None)  # the caller's API key (None for agents)
 
 __all__ = ["SETTINGS", "STORE", "QUEUE", "FINDER", "SESSIONS", "DISPATCHER", "OUTCOMES", "ARTIFACTS", "RETENTION",
-           "CATALOG", "ARCHIVE", "CALLBACKS", "METRICS", "SIGNER", "KEY", "Key"]
+           "CATALOG", "MODELS", "ARCHIVE", "CALLBACKS", "METRICS", "SIGNER", "KEY", "Key"]

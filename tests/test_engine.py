@@ -33,12 +33,13 @@ async def test_img2img_keeps_the_input_size(engine: ComfyEngine) -> None:
     assert [image_of(o.data).size for o in outputs] == [(80, 64), (80, 64)]
 
 
-async def test_inpaint_changes_only_the_masked_area(engine: ComfyEngine) -> None:
+@pytest.mark.parametrize("workflow", ["inpaint", "inpaint-flux", "inpaint-sd3"])  # each family's inpaint
+async def test_inpaint_changes_only_the_masked_area(engine: ComfyEngine, workflow: str) -> None:
     original = png(64, 64, (20, 120, 220))
     mask = image_of(png(64, 64, (0, 0, 0)))
     ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=(255, 255, 255))
     mask_bytes = _encode(mask)
-    [output] = await engine.run("inpaint", {"image": original, "mask": mask_bytes, "prompt": "a hole", **FAST})
+    [output] = await engine.run(workflow, {"image": original, "mask": mask_bytes, "prompt": "a hole", **FAST})
     result = image_of(output.data).convert("RGB")
     assert result.size == (64, 64)
     diff = ImageChops.difference(result, image_of(original).convert("RGB"))
@@ -171,3 +172,12 @@ def _encode(im) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "PNG")
     return buf.getvalue()
+
+
+async def test_a_text_a_node_shows_comes_back_as_a_text_not_a_file(engine: ComfyEngine) -> None:
+    from agent.runners.comfy import ComfyRunner
+
+    outputs = await engine.run("caption", {"subject": "fox cub"})
+    assert list(outputs) == [] and outputs.texts == ["a red fox cub"]
+    result = await ComfyRunner(engine).run("caption", "caption-job", {"subject": "owl"}, lambda p: None)
+    assert result.files == [] and result.texts == ["a red owl"]  # what the agent answers (Done.texts)

@@ -20,7 +20,7 @@ from gpugate.settings import Settings
 from router.keys import create_key
 from router.state import STORE
 from tests.conftest import png
-from tests.services import Agents, Router, call, router_settings_in
+from tests.services import Agents, Router, call, router_settings_in, until
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 
@@ -122,8 +122,13 @@ async def test_speech_in_other_formats_and_queued(router: Router, agent: Agents,
         assert ffprobe(await fetch(router, key, answer), tmp_path)["acodec"] == codec
     queued = await call(router, key, "QueueTextToSpeech", {"text": "Queued speech.", "model": "en_US-joe-medium"})
     assert queued["jobState"] == "Queued"
-    unknown = await call(router, key, "QueueSpeechToText", form(audio=b"RIFF....", model="huge-v9"))
-    assert unknown["statusUrl"].endswith(f"GetTextGenerationStatus?jobId={unknown['jobId']}")  # waits for an agent with it
+    absent = await call(router, key, "QueueSpeechToText", form(audio=b"RIFF....", model="whisper-large-v3"))
+    assert absent["statusUrl"].endswith(f"GetTextGenerationStatus?jobId={absent['jobId']}")  # waits for an agent with it
+    waiting = await until(router, key, absent["jobId"], lambda s: s["status"] != "Queued", timeout=30)
+    assert waiting["jobState"] == "Queued" and waiting["status"] == "no agent has model large-v3"
+    await call(router, key, "CancelJob", {"jobId": absent["jobId"]})
+    unknown = await call(router, key, "QueueSpeechToText", form(audio=b"RIFF....", model="huge-v9"), status=400)
+    assert "unknown model 'huge-v9'" in unknown["responseStatus"]["message"]  # nobody has it: refused at once
 
 
 # ---- video and audio on the agent ------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def _playground(driver: Any, url: str, key: str) -> int:
     _log_in(driver, url, key, "playground")
     Select(_wait(driver, "#playground-api", check=lambda e: "TextToImage" in e.text)).select_by_value("TextToImage")
     form = _wait(driver, "#playground-form", check=lambda e: e.find_elements(By.NAME, "positivePrompt"))
+    models = [o.text for o in Select(form.find_element(By.NAME, "model")).options]
+    assert "tiny (Stable Diffusion 1.5, 512x512, 20 steps, cfg 7)" in models, "what can run now, with its family's defaults"
     form.find_element(By.NAME, "positivePrompt").send_keys("a red lighthouse")
     for name in ("width", "height"):
         field = form.find_element(By.NAME, name)
@@ -113,6 +115,28 @@ def _playground(driver: Any, url: str, key: str) -> int:
     assert src.startswith(f"{url}/artifacts/") and "&sig=" in src, "the page loads the signed URL, with no header"
     driver.save_screenshot(str(ARTIFACTS / "playground.png"))
     return int(_wait(driver, "#playground-result").get_attribute("data-job-id"))
+
+
+def _workflow_playground(driver: Any, url: str, key: str) -> None:
+    """ComfyWorkflow in the playground: pick a served workflow, its own parameters become the form."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _log_in(driver, url, key, "playground")
+    Select(_wait(driver, "#playground-api", check=lambda e: "ComfyWorkflow" in e.text)).select_by_value("ComfyWorkflow")
+    Select(_wait(driver, "#playground-workflow", check=lambda e: "upscale" in e.text)).select_by_value("txt2img")
+    form = _wait(driver, "#playground-form", check=lambda e: e.find_elements(By.NAME, "steps"))
+    assert "euler" in [o.text for o in Select(form.find_element(By.NAME, "sampler")).options]
+    form.find_element(By.NAME, "prompt").send_keys("a blue boat")
+    for name, value in (("width", "64"), ("height", "64"), ("steps", "1")):
+        field = form.find_element(By.NAME, name)
+        field.clear()
+        field.send_keys(value)
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    image = _wait(driver, "#playground-result img", timeout=180,
+                  check=lambda e: driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", e))
+    assert driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [64, 64]
+    driver.save_screenshot(str(ARTIFACTS / "playground-workflow.png"))
 
 
 def _keys(driver: Any, url: str, key: str) -> str:
@@ -154,6 +178,11 @@ async def test_the_playground_runs_txt2img_and_shows_the_image(router: Router, a
         async with http.get(f"{router.url}/api/GetArtifactGenerationStatus", params={"jobId": job_id}) as r:
             answer = await r.json()
     assert answer["jobState"] == "Completed" and answer["results"][0]["provider"] == "gpu-1"
+
+
+async def test_the_playground_runs_a_workflow_an_agent_serves(router: Router, agent: Agents, admin: Any,
+                                                               browser: Any) -> None:
+    await asyncio.to_thread(_workflow_playground, browser, router.url, admin.token)
 
 
 async def test_the_keys_page_makes_and_revokes_a_key(router: Router, admin: Any, browser: Any) -> None:

@@ -38,6 +38,7 @@ SMALL = {"width": 64, "height": 64}
 @pytest.fixture(scope="module")
 def router_settings(tmp_path_factory: pytest.TempPathFactory, fixture_models: Path) -> Settings:
     catalog = ('[models.tiny]\nkind = "checkpoints"\nfile = "shared.safetensors"\ndefault = true\n'
+               '[models.zeta]\nkind = "checkpoints"\nfile = "model-z.safetensors"\n'  # no agent has it at first
                f'[models.upscaler]\nkind = "upscale_models"\nfile = "{UPSCALER}"\ndefault = true\n')
     return router_settings_in(tmp_path_factory.mktemp("router"), catalog, sync_timeout_s="120", heartbeat_timeout_s="6",
                               lease_grace_s="2", echo_api="true", max_upload_mb="1")
@@ -281,7 +282,7 @@ async def test_unplaceable_jobs_wait_with_a_reason_survive_a_restart_and_run_whe
         router: Router, agents_ab: Agents, keys: dict[str, str]) -> None:
     key = keys["admin"]
     big = await call(router, key, "QueueTextToImage", {"positivePrompt": "big", **SMALL, "batchSize": 10})
-    z = await call(router, key, "QueueTextToImage", {"positivePrompt": "z", "model": "model-z.safetensors", **SMALL})
+    z = await call(router, key, "QueueTextToImage", {"positivePrompt": "z", "model": "zeta", **SMALL})
     big_status = await until(router, key, big["jobId"], lambda s: s["status"] != "Queued", timeout=10)
     assert big_status["jobState"] == "Queued"
     assert big_status["status"] == "needs about 2.7 GB VRAM, the most free is 2.0 GB"

@@ -85,11 +85,14 @@ def test_broken_definitions_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "bad_bind.toml").write_text('[params.height]\ntype = "int"\nbind = "1.height"\n')
     (tmp_path / "bad_type.json").write_text(json.dumps({"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}))
     (tmp_path / "bad_type.toml").write_text('[params.width]\ntype = "integer"\nbind = "1.width"\n')
-    for name, words in (("ui", "UI format"), ("bad_bind", "binds to 1.height, which the workflow lacks"), ("bad_type", "type")):
+    (tmp_path / "reserved.json").write_text(json.dumps({"1": {"class_type": "EmptyImage", "inputs": {"width": 8}}}))
+    (tmp_path / "reserved.toml").write_text('[params.Tag]\ntype = "int"\nbind = "1.width"\n')  # the API's own field
+    for name, words in (("ui", "UI format, converted once ComfyUI is up"), ("bad_bind", "binds to 1.height, which the workflow lacks"),
+                        ("bad_type", "type"), ("reserved", "'Tag' is a name the router's API uses itself")):
         with pytest.raises(WorkflowDefinitionError, match=words):
             load_workflow(tmp_path / f"{name}.json")
     workflows, problems = WorkflowLibrary([tmp_path]).scan()
-    assert workflows == [] and len(problems) == 3
+    assert workflows == [] and len(problems) == 4
 
 
 def test_a_later_folder_replaces_a_workflow_and_edits_are_picked_up(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ import websockets
 
 from gpugate.errors import ExecutionError, InvalidRequest, JobFailed, JobTimeout, WorkerLost
 
-from .protocol import FieldNamer, OutputRef, history_outcome, prompt_refusal
+from .protocol import FieldNamer, Outcome, OutputRef, history_outcome, prompt_refusal
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class ComfyClient:
         timeout: float,
         on_progress: ProgressCallback | None = None,
         namer: FieldNamer = lambda node, name: None,
-    ) -> list[OutputRef]:
+    ) -> Outcome:
         """Submit ``prompt`` as ``prompt_id``, wait until ComfyUI has finished it, return its outputs."""
         watch = self._watches[prompt_id] = _Watch(prompt, on_progress)
         try:
@@ -166,7 +166,7 @@ class ComfyClient:
             raise prompt_refusal(answer, prompt, namer)
         raise ExecutionError(f"ComfyUI answered {r.status} to /prompt: {str(answer)[:500]}")
 
-    async def _wait_outcome(self, prompt_id: str, watch: _Watch) -> list[OutputRef]:
+    async def _wait_outcome(self, prompt_id: str, watch: _Watch) -> Outcome:
         while True:
             signal = await watch.next_signal()
             # After a reconnect: still queued or running means keep waiting. ComfyUI moves a prompt

@@ -2,10 +2,11 @@
 
 ``run()`` is the whole life of a job on ComfyUI: validate the parameters against the template
 (before anything reaches ComfyUI), upload its images, submit with the job id as prompt id, report
-progress, fetch every output file, and leave ComfyUI as it was (history entry, uploaded inputs and
-output files deleted), whether the job succeeded or not. That cleanup runs right after the answer
-instead of before it (about 1 ms a job, bench/overhead.py); the engine tracks each cleanup, a
-later run of the same job id waits for it, and ``settle()`` / ``stop()`` wait for all of them.
+progress, fetch every output file (with the texts its nodes showed: ``Outputs.texts``), and leave
+ComfyUI as it was (history entry, uploaded inputs and output files deleted), whether the job
+succeeded or not. That cleanup runs right after the answer instead of before it (about 1 ms a job,
+bench/overhead.py); the engine tracks each cleanup, a later run of the same job id waits for it,
+and ``settle()`` / ``stop()`` wait for all of them.
 """
 
 from __future__ import annotations
@@ -44,12 +45,22 @@ class OutputFile:
     data: bytes
 
 
+class Outputs(list[OutputFile]):
+    """A job's output files, in order, and the texts its nodes showed (PreviewAny): a list, so
+    callers that only want files use it as one."""
+
+    def __init__(self, files: list[OutputFile], texts: list[str]) -> None:
+        super().__init__(files)
+        self.texts = texts
+
+
 class ComfyEngine:
     """Use ``async with ComfyEngine(settings) as engine: await engine.run("txt2img", {...})``."""
 
     def __init__(self, settings: Settings, library: WorkflowLibrary | None = None) -> None:
         self.settings = settings
         self.library = library or WorkflowLibrary(settings.workflows.dirs)
+        self.library.object_info = lambda: self._object_info  # converts UI-format templates
         self.process: ComfyProcess | None = None
         self.client: ComfyClient | None = None
         self._object_info: dict[str, Any] = {}
@@ -119,6 +130,15 @@ class ComfyEngine:
             self.client.fail_all(WorkerLost(f"ComfyUI died (exit code {returncode})"))
         self._object_info = {}
 
+    def combos(self, class_type: str, input_name: str) -> list[str] | None:
+        """The values ComfyUI accepts at a node's input (samplers, installed models...), if it lists them."""
+        return combo_values(self._object_info, class_type, input_name)
+
+    @property
+    def object_info(self) -> dict[str, Any]:
+        """ComfyUI's node definitions as last read ({} while it is down)."""
+        return self._object_info
+
     async def refresh(self) -> None:
         """Re-read ComfyUI's node schemas: installed models and accepted values change with them."""
         assert self.client is not None
@@ -143,7 +163,7 @@ class ComfyEngine:
         *,
         job_id: str | None = None,
         on_progress: ProgressCallback | None = None,
-    ) -> list[OutputFile]:
+    ) -> Outputs:
         """Run one workflow; raise a :class:`JobFailed` subclass saying why when it cannot."""
         assert self.client is not None, "start the engine first"
         job_id = job_id or uuid.uuid4().hex
@@ -163,10 +183,11 @@ class ComfyEngine:
             uploaded = await self._upload_images(template, values, job_id)
             prompt = render(template, values, uploaded, job_id)
             log.info("prompt submitted", extra={"job": job_id, "workflow": workflow})
-            refs = await self.client.run(prompt, job_id, timeout=self.settings.comfy.job_timeout_s,
-                                         on_progress=on_progress, namer=template.param_for)
-            outputs = list(await asyncio.gather(*(self._fetch(ref) for ref in refs)))
-            log.info("prompt finished", extra={"job": job_id, "outputs": len(outputs)})
+            outcome = await self.client.run(prompt, job_id, timeout=self.settings.comfy.job_timeout_s,
+                                            on_progress=on_progress, namer=template.param_for)
+            refs = outcome.refs
+            outputs = Outputs(list(await asyncio.gather(*(self._fetch(ref) for ref in refs))), outcome.texts)
+            log.info("prompt finished", extra={"job": job_id, "outputs": len(outputs), "texts": len(outputs.texts)})
             return outputs
         finally:
             self._schedule_cleanup(job_id, refs)
@@ -180,7 +201,7 @@ class ComfyEngine:
         await self.client.interrupt(job_id)
 
     async def _validate(self, template: Workflow, params: Mapping[str, Any]) -> dict[str, Any]:
-        combos = lambda node, name: combo_values(self._object_info, node, name)  # noqa: E731
+        combos = self.combos
         try:
             return validate(template, params, combos)
         except InvalidRequest as exc:

@@ -1,7 +1,7 @@
 """What ComfyUI's answers mean, as pure functions: the one place its errors become ours.
 
 - ``/prompt`` refusals (a 400, or a 200 that still carries ``node_errors``) -> :class:`InvalidRequest`
-- a ``/history`` entry -> the output files it lists, or the classified failure it records
+- a ``/history`` entry -> the output files and texts it lists, or the classified failure it records
   (out of memory, another execution error with its node, interrupted)
 - ``/object_info`` -> the values a combo input accepts (samplers, installed model files)
 """
@@ -23,6 +23,9 @@ from gpugate.errors import (
 
 # Names a node input in an error: the workflow parameter bound to it, if any.
 FieldNamer = Callable[[str, str], str | None]
+# The output lists that carry text for the user (PreviewAny's, and custom "show text" nodes'), not files.
+TEXT_KINDS = ("text",)
+TEXTS_MAX = 4 * 2**20  # characters of text outputs per job
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,14 @@ class OutputRef:
     filename: str
     subfolder: str
     type: str  # output | temp
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished prompt produced: files to fetch, and texts shown by its nodes."""
+
+    refs: list[OutputRef]
+    texts: list[str]
 
 
 def prompt_refusal(body: Any, prompt: Mapping[str, Any], namer: FieldNamer) -> InvalidRequest:
@@ -59,12 +70,13 @@ def _describe(err: Mapping[str, Any]) -> str:
     return f"{message}: {details}" if details else message
 
 
-def history_outcome(entry: Mapping[str, Any]) -> list[OutputRef]:
+def history_outcome(entry: Mapping[str, Any]) -> Outcome:
     """The outputs of a finished prompt, or raise the failure its status records."""
     status = entry.get("status") or {}
     messages = {name: data for name, data in status.get("messages") or [] if isinstance(data, dict)}
     if status.get("status_str") == "success" and status.get("completed"):
-        return list(output_refs(entry.get("outputs") or {}))
+        outputs = entry.get("outputs") or {}
+        return Outcome(output_refs(outputs), output_texts(outputs))
     if "execution_interrupted" in messages:
         data = messages["execution_interrupted"]
         raise Interrupted("interrupted", node_id=data.get("node_id"), node_type=data.get("node_type"))
@@ -98,6 +110,17 @@ def output_refs(outputs: Mapping[str, Any]) -> list[OutputRef]:
                     refs.append(OutputRef(node_id, kind, item["filename"], item.get("subfolder") or "",
                                           item.get("type") or "output"))
     return refs
+
+
+def output_texts(outputs: Mapping[str, Any]) -> list[str]:
+    """Every string in a text output list (``TEXT_KINDS``), node by node, in order. They travel to
+    the router inside one message: past ``TEXTS_MAX`` in all, the job fails saying so."""
+    texts = [item for ui in outputs.values() for kind, items in (ui or {}).items() if kind in TEXT_KINDS
+             for item in (items if isinstance(items, list) else ()) if isinstance(item, str)]
+    if sum(len(t) for t in texts) > TEXTS_MAX:
+        raise ExecutionError(f"the workflow's text outputs are larger than {TEXTS_MAX // 2**20} MB in all; "
+                             "save large text to a file instead")
+    return texts
 
 
 def combo_values(object_info: Mapping[str, Any], class_type: str, input_name: str) -> list[str] | None:

@@ -19,7 +19,9 @@ input (samplers, installed checkpoints...). ``image`` parameters take file bytes
 uploads; ``match_size = "image"`` requires the same dimensions as another image parameter.
 
 Dropping both files into a workflow folder makes the workflow available by name: the library
-reads folders on each look-up (a ``stat`` per file) and re-parses only what changed.
+reads folders on each look-up (a ``stat`` per file) and re-parses only what changed. A template
+saved in ComfyUI's UI format (``nodes`` and ``links``) is converted to API format with ComfyUI's own
+node definitions (agent/comfy/ui_format.py), or refused naming what could not be converted.
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gpugate import params
 from gpugate.errors import ConfigError, FieldError, InvalidRequest
 from gpugate.images import probe_image
 
-SEED_MAX = 2**64 - 1
+from .ui_format import UiFormatError, is_ui_format, to_api_format
+
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# the fields ComfyWorkflow takes itself (any case): a parameter cannot be called so
+RESERVED_PARAMS = frozenset({"workflow", "args", "refid", "ref_id", "tag", "replyto", "reply_to"})
 
 # (node class, input name) -> the values ComfyUI accepts there, or None when it does not say.
 Combos = Callable[[str, str], Sequence[str] | None]
@@ -152,14 +159,21 @@ class WorkflowDefinitionError(ConfigError):
     """A template or its declaration is malformed; the message names the file."""
 
 
-def load_workflow(json_path: Path) -> Workflow:
-    """Read ``NAME.json`` and its optional ``NAME.toml``; check every binding points at a literal input."""
+def load_workflow(json_path: Path, object_info: Mapping[str, Any] | None = None) -> Workflow:
+    """Read ``NAME.json`` and its optional ``NAME.toml``; check every binding points at a literal input.
+    A UI-format template is converted with ``object_info`` (ComfyUI's node definitions)."""
     try:
         prompt = json.loads(json_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise WorkflowDefinitionError(f"{json_path}: not readable JSON: {exc}") from exc
-    if isinstance(prompt, dict) and "nodes" in prompt and "links" in prompt:
-        raise WorkflowDefinitionError(f"{json_path}: this is ComfyUI's UI format; export it with 'Save (API)'")
+    if is_ui_format(prompt):
+        if not object_info:
+            raise WorkflowDefinitionError(f"{json_path}: ComfyUI's UI format, converted once ComfyUI is up "
+                                          "(or export it with 'Save (API)')")
+        try:
+            prompt = to_api_format(prompt, object_info)
+        except UiFormatError as exc:
+            raise WorkflowDefinitionError(f"{json_path}: ComfyUI's UI format, not convertible: {exc}") from exc
     if not isinstance(prompt, dict) or not prompt or not all(
         isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs"), dict) for n in prompt.values()
     ):
@@ -172,6 +186,9 @@ def load_workflow(json_path: Path) -> Workflow:
         except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
             raise WorkflowDefinitionError(f"{decl_path}: {exc}") from exc
     for name, spec in declaration.params.items():
+        if name.lower() in RESERVED_PARAMS:
+            raise WorkflowDefinitionError(f"{decl_path}: parameter {name!r} is a name the router's API uses itself; "
+                                          "rename it")
         for b in spec.bind:
             node = prompt.get(b.node)
             if node is None or b.input not in node["inputs"]:
@@ -186,9 +203,10 @@ def load_workflow(json_path: Path) -> Workflow:
 class WorkflowLibrary:
     """The workflows in a list of folders; a later folder's template replaces an earlier one's."""
 
-    def __init__(self, dirs: Sequence[Path]) -> None:
+    def __init__(self, dirs: Sequence[Path], object_info: Callable[[], Mapping[str, Any]] = dict) -> None:
         self.dirs = list(dirs)
-        self._cache: dict[Path, tuple[tuple[float, float], Workflow]] = {}
+        self.object_info = object_info  # ComfyUI's node definitions, for UI-format templates ({} while down)
+        self._cache: dict[Path, tuple[tuple[float, float, int], Workflow | WorkflowDefinitionError]] = {}
         self._listings: dict[Path, tuple[float, list[Path]]] = {}
 
     def _paths(self) -> dict[str, Path]:
@@ -211,12 +229,21 @@ class WorkflowLibrary:
         return cached[1]
 
     def _load(self, path: Path) -> Workflow:
+        """The template, parsed again only when a file changed or ComfyUI's node definitions did
+        (a UI-format template is converted with them); a broken one's error is remembered too."""
         toml = path.with_suffix(".toml")
-        stamp = (path.stat().st_mtime, toml.stat().st_mtime if toml.exists() else 0.0)
+        info = self.object_info()
+        stamp = (path.stat().st_mtime, toml.stat().st_mtime if toml.exists() else 0.0, id(info))
         cached = self._cache.get(path)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, load_workflow(path))
+            try:
+                loaded: Workflow | WorkflowDefinitionError = load_workflow(path, info)
+            except WorkflowDefinitionError as exc:
+                loaded = exc
+            cached = (stamp, loaded)
             self._cache[path] = cached
+        if isinstance(cached[1], WorkflowDefinitionError):
+            raise cached[1]
         return cached[1]
 
     def get(self, name: str) -> Workflow:
@@ -277,79 +304,30 @@ def validate(workflow: Workflow, raw: Mapping[str, Any], combos: Combos) -> dict
     return values
 
 
-class _Rejected(ValueError):
-    def __init__(self, message: str, code: str = "invalid") -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def _convert(name: str, spec: ParamSpec, value: Any, workflow: Workflow, combos: Combos) -> Any:
     kind = spec.type
     if kind is ParamType.STRING:
-        if not isinstance(value, str):
-            raise _Rejected(f"must be text, got {type(value).__name__}")
-        return value
+        return params.text(value)
     if kind is ParamType.BOOL:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise _Rejected(f"must be true or false, got {value!r}")
+        return params.boolean(value)
     if kind in (ParamType.INT, ParamType.SEED, ParamType.FLOAT):
-        return _number(spec, value)
+        return params.number(spec, value)
     if kind in (ParamType.CHOICE, ParamType.MODEL):
-        return _choice(spec, value, workflow, combos)
+        first = spec.bind[0]
+        allowed = spec.values if spec.values is not None else combos(workflow.prompt[first.node]["class_type"], first.input)
+        return params.choice(value, allowed, model=kind is ParamType.MODEL)
     return _image(value)
-
-
-def _number(spec: ParamSpec, value: Any) -> int | float:
-    integral = spec.type is not ParamType.FLOAT
-    if isinstance(value, bool):
-        raise _Rejected(f"must be a number, got {value!r}")
-    try:
-        number = float(value) if not isinstance(value, int) else value
-    except (TypeError, ValueError):
-        raise _Rejected(f"must be {'an integer' if integral else 'a number'}, got {value!r}") from None
-    if integral:
-        if isinstance(number, float) and not number.is_integer():
-            raise _Rejected(f"must be an integer, got {value!r}")
-        number = int(number)
-    low, high = (0, SEED_MAX) if spec.type is ParamType.SEED else (spec.min, spec.max)
-    if (low is not None and number < low) or (high is not None and number > high):
-        bounds = f"between {_fmt(low)} and {_fmt(high)}" if low is not None and high is not None else (
-            f"at least {_fmt(low)}" if low is not None else f"at most {_fmt(high)}")
-        raise _Rejected(f"must be {bounds}, got {_fmt(number)}", "out_of_range")
-    if spec.step and number % spec.step:
-        raise _Rejected(f"must be a multiple of {spec.step}, got {_fmt(number)}", "out_of_range")
-    return number
-
-
-def _fmt(x: float | None) -> str:
-    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
-
-
-def _choice(spec: ParamSpec, value: Any, workflow: Workflow, combos: Combos) -> str:
-    if not isinstance(value, str):
-        raise _Rejected(f"must be text, got {type(value).__name__}")
-    first = spec.bind[0]
-    allowed = spec.values if spec.values is not None else combos(workflow.prompt[first.node]["class_type"], first.input)
-    if allowed is not None and value not in allowed:
-        shown = ", ".join(allowed[:20]) + (", ..." if len(allowed) > 20 else "")
-        if spec.type is ParamType.MODEL:
-            raise _Rejected(f"{value!r} is not installed; installed: {shown or 'none'}", "not_installed")
-        raise _Rejected(f"must be one of {shown}; got {value!r}", "not_in_list")
-    return value
 
 
 def _image(value: Any) -> ImageInput:
     if isinstance(value, ImageInput):
         return value
     if not isinstance(value, (bytes, bytearray)):
-        raise _Rejected("must be an image file")
+        raise params.Rejected("must be an image file")
     try:
         info = probe_image(bytes(value))
     except ValueError as exc:
-        raise _Rejected(str(exc), "not_an_image") from None
+        raise params.Rejected(str(exc), "not_an_image") from None
     return ImageInput(bytes(value), info.format, info.width, info.height)
 
 

@@ -64,15 +64,23 @@ class Runner(Protocol):
 
     def loaded(self) -> list[str]: ...
 
+    async def warm(self, model: str) -> bool:
+        """Load ``model`` so it is in ``loaded()``; False when this runner has no such model, an
+        exception when it has it but loading it failed."""
+        ...
+
     async def run(self, capability: str, job_id: str, params: dict[str, Any],
                   on_progress: Callable[[JobProgress], None]) -> RunResult: ...
 
 
 class WithoutModels:
-    """For runners that load no model files (echo, ffmpeg): nothing to list, nothing loaded."""
+    """For runners that load no model files (echo, ffmpeg): nothing to list, load or warm."""
 
     async def models(self) -> list[Model]:
         return []
 
     def loaded(self) -> list[str]:
         return []
+
+    async def warm(self, model: str) -> bool:
+        return False

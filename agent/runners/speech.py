@@ -90,8 +90,13 @@ class _SpeechRunner:
     def loaded(self) -> list[str]:
         return self.catalog.loaded()
 
-    async def warm(self) -> None:
-        await self.catalog.get(None)
+    async def warm(self, model: str | None = None) -> bool:
+        """Load ``model`` (by default the default one); False when it is not installed."""
+        self.catalog.scan()
+        if model is not None and model not in self.catalog.paths:
+            return False
+        await self.catalog.get(model)
+        return True
 
 
 class WhisperRunner(_SpeechRunner):

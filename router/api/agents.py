@@ -84,7 +84,7 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
                 session.slots += message.slots
                 dispatcher.wake()
             elif isinstance(message, Heartbeat):
-                session.heard(message)
+                request.app[SESSIONS].heard(session, message)
                 dispatcher.wake()
             elif isinstance(message, Progress):
                 outcomes.progress(session, message)

@@ -32,9 +32,39 @@ def routes() -> list[web.RouteDef]:
 
 
 async def serve(request: web.Request) -> web.Response:
-    from ..state import SETTINGS
+    from ..state import MODELS, SETTINGS
 
-    return web.json_response(document(request.app[SETTINGS].router.echo_api))
+    return web.json_response(with_workflows(document(request.app[SETTINGS].router.echo_api), request.app[MODELS]))
+
+
+def with_workflows(static: dict[str, Any], models: Any) -> dict[str, Any]:
+    """The document plus, for each workflow a connected agent serves now, the schema of its
+    arguments (``workflow.NAME``), referenced from ComfyWorkflow's ``args``."""
+    schemas = dict(static["components"]["schemas"])
+    served = models.workflows()
+    for name, (capability, agents) in served.items():
+        properties = {k: _param_schema(p) for k, p in (capability.params or {}).items()}
+        schemas[f"workflow.{name}"] = {
+            "type": "object", "title": name, "description": f"{capability.description} (served by {', '.join(agents)})",
+            "properties": properties, "required": [k for k, p in (capability.params or {}).items() if p.required],
+            "additionalProperties": False}
+    if served:
+        args = {"oneOf": [{"$ref": REF.format(model=f"workflow.{n}")} for n in served]}
+        schemas["ComfyWorkflow"] = {**schemas["ComfyWorkflow"], "properties": {
+            **schemas["ComfyWorkflow"]["properties"], "workflow": {"type": "string", "enum": list(served)}, "args": args}}
+    return {**static, "components": {**static["components"], "schemas": schemas}}
+
+
+def _param_schema(param: Any) -> dict[str, Any]:
+    kinds = {"int": "integer", "seed": "integer", "float": "number", "bool": "boolean"}
+    if param.type == "image":
+        return {"type": "string", "format": "binary", "contentMediaType": "image/*", "description": param.description}
+    schema: dict[str, Any] = {"type": kinds.get(param.type, "string"), "description": param.description}
+    for key, value in (("minimum", param.min), ("maximum", param.max), ("multipleOf", param.step),
+                       ("enum", param.values), ("default", param.default)):
+        if value is not None:
+            schema[key] = value
+    return schema
 
 
 @functools.cache
@@ -103,6 +133,16 @@ def document(echo: bool = False) -> dict[str, Any]:
     paths["/api/DeleteFiles"] = {"post": _operation(
         "DeleteFiles", "files", "Delete your files: each is deleted, missing or failed (not yours, or in use)",
         _json_body(DeleteFilesRequest), deleted, "What was deleted")}
+    for name, summary in (("ActiveMediaModels", "The ids of the models some connected agent can serve now"),
+                          ("QueryMediaModels", "Image models: catalog and agents, with family, tasks and defaults"),
+                          ("QueryTextToSpeechVoices", "Piper voices: catalog and agents"),
+                          ("GetComfyModels", "The model files connected agents' ComfyUIs can load"),
+                          ("GetComfyWorkflows", "The workflows connected agents serve"),
+                          ("GetComfyWorkflowInfo", "One workflow: description, parameters (types, limits, defaults), agents")):
+        paths[f"/api/{name}"] = {"get": _operation(name, "discovery", summary, None, {"type": "object"}, "OK",
+                                                   params=[_query(q, {"type": "string"}) for q in
+                                                           {"QueryMediaModels": ("id", "skip", "take"),
+                                                            "GetComfyWorkflowInfo": ("workflow",)}.get(name, ())])}
     paths["/metrics"] = {"get": _operation("GetMetrics", "admin", "Prometheus metrics (admin)", None, None,
                                            "Prometheus text format", content={"text/plain": {"schema": {"type": "string"}}})}
     paths["/health"] = {"get": {"operationId": "Health", "tags": ["admin"], "summary": "Liveness", "security": [],

@@ -5,20 +5,24 @@ Handlers parse, hand over to the queue, and answer; the rules live in requests.p
 
 from __future__ import annotations
 
+import json
 import time
 
 from aiohttp import web
 
-from gpugate.errors import FieldError
+from gpugate.errors import FieldError, InvalidRequest
 
 from ..artifacts import Intake
 from ..callbacks import reply_to_problem
-from ..state import ARTIFACTS, CATALOG, FINDER, KEY, QUEUE, RETENTION, SETTINGS, SIGNER
+from ..state import ARTIFACTS, DISPATCHER, FINDER, KEY, MODELS, QUEUE, RETENTION, SETTINGS, SIGNER
 from ..store import DuplicateRefId, Job, JobState, Key
 from ..urls import Links
 from .errors import ApiError, invalid
 from .requests import APIS, ApiRequest, Echo, Limits, Upload, parse, read_fields
 from .responses import ErrorResponse, GenerationResponse, QueueResponse, failure_of, results_of, status_kind
+
+
+PARAMS_MAX = 2**20  # bytes of a job's parameters as JSON (files travel apart)
 
 
 def routes(echo: bool) -> list[web.RouteDef]:
@@ -39,17 +43,33 @@ def _generation(model: type[ApiRequest], *, sync: bool):  # noqa: ANN202 - an ai
             fields = await read_fields(request, Limits.of(app[SETTINGS].router), intake)
             job = await _submit(request, model, parse(model, fields), key, intake)
         if sync:
-            finished = await app[QUEUE].wait_finished(job, app[SETTINGS].router.sync_timeout_s)
-            if finished is not None:
-                return _finished_response(request, model, finished)
+            return await answer_when_done(request, job, model)
         return web.json_response(_reference(request, job).body())
 
     return handle
 
 
+async def answer_when_done(request: web.Request, job: Job, model: type[ApiRequest]) -> web.Response:
+    """A sync call's answer: the finished job, or its reference at once when no connected agent
+    can take it (no agent has the model, the memory, the workflow), or after the sync timeout."""
+    app = request.app
+    if job.state == JobState.QUEUED and (reason := app[DISPATCHER].cannot_place(job, time.time())) is not None:
+        app[QUEUE].waiting_reason.setdefault(job.id, reason)
+        return web.json_response(_reference(request, job).body())
+    finished = await app[QUEUE].wait_finished(job, app[SETTINGS].router.sync_timeout_s)
+    if finished is not None:
+        return _finished_response(request, model, finished)
+    return web.json_response(_reference(request, job).body())
+
+
 async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequest, key: Key, intake: Intake) -> Job:
     app = request.app
-    spec = parsed.job(app[CATALOG])
+    try:
+        spec = parsed.job(app[MODELS])
+    except InvalidRequest as exc:
+        raise invalid(exc.errors) from None
+    if len(json.dumps(spec.params)) > PARAMS_MAX:  # a job travels to its agent in one websocket message
+        raise ApiError(413, "RequestEntityTooLarge", f"the job's parameters are larger than {PARAMS_MAX // 2**20} MB")
     if parsed.reply_to and (problem := await reply_to_problem(parsed.reply_to,
                                                               app[SETTINGS].router.callback_allow_networks)):
         raise invalid([FieldError("replyTo", problem)])
@@ -58,7 +78,7 @@ async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequ
         received, ext = (file.file, file.info.extension) if isinstance(file, Upload) else (file, "")
         inputs[name] = await intake.keep(received, ext)
     job = Job(id=0, api=model.__name__, capability=spec.capability, params=spec.params, inputs=inputs,
-              model=spec.model, megapixels=spec.megapixels, max_attempts=app[SETTINGS].router.max_attempts,
+              model=spec.model, megapixels=spec.megapixels, max_attempts=app[SETTINGS].router.max_attempts, notes=spec.notes,
               key_id=key.id, ref_id=parsed.ref_id, tag=parsed.tag, reply_to=parsed.reply_to,
               base_url=base_url(request) if parsed.reply_to else None)
     try:
@@ -74,6 +94,7 @@ async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequ
 def _reference(request: web.Request, job: Job) -> QueueResponse:
     kind = status_kind(APIS.get(job.api, Echo).results)
     return QueueResponse(job_id=job.id, ref_id=job.ref_id, job_state=job.state, status=request.app[QUEUE].status_text(job),
+                         notes=job.notes,
                          status_url=f"{base_url(request)}/api/{kind}?jobId={job.id}")
 
 

@@ -7,9 +7,10 @@ the agent capability, its parameters, uploaded files, the model file and the out
 from __future__ import annotations
 
 import errno
+import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
 from aiohttp import BodyPartReader, web
@@ -29,13 +30,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic.alias_generators import to_camel
 
-from gpugate.errors import FieldError
+from gpugate.errors import FieldError, InvalidRequest
+from gpugate.params import TEXT_MAX
 from gpugate.images import ImageInfo, probe_image
-
-from gpugate.catalog import Catalog
 from gpugate.settings import Router as RouterSettings
 
 from ..artifacts import Intake, Received
+from ..models import ModelBook, ModelRef
+from ..workflows import check_args
 from .errors import ApiError, invalid
 
 
@@ -84,6 +86,7 @@ class JobSpec:
     files: dict[str, Upload | Received]
     model: str | None
     megapixels: float
+    notes: list[str] = field(default_factory=list)  # what the router decided for the client (the job's details)
 
 
 class ApiRequest(BaseModel):
@@ -97,18 +100,54 @@ class ApiRequest(BaseModel):
     tag: str | None = None
     reply_to: str | None = None
 
-    def job(self, catalog: Catalog) -> JobSpec:
+    def job(self, models: ModelBook) -> JobSpec:
+        """What the request asks for; InvalidRequest naming the field when it cannot be done."""
         raise NotImplementedError
 
 
-def _model(catalog: Catalog, name: str | None, kind: str) -> str:
-    try:
-        file = catalog.resolve(name, kind)
-    except ValueError as exc:
-        raise invalid([FieldError("model", str(exc), "not_installed")]) from None
-    if file is None:
-        raise invalid([FieldError("model", "is required: no default model of this kind is configured", "required")])
-    return file
+def _arguments(value: Any) -> Any:
+    """AI Server's ``arguments``: an object, or (in a form) its JSON text."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON object: workflow parameter -> value") from None
+    return value
+
+
+Arguments = Annotated[dict[str, str | int | float | bool] | None, BeforeValidator(_arguments)]
+
+
+def _image_recipe(models: ModelBook, task: str, model_id: str | None, given: dict[str, Any],
+                  arguments: dict[str, Any] | None, files: frozenset[str] = frozenset()
+                  ) -> tuple[str, dict[str, Any], ModelRef, list[str]]:
+    """The workflow for an image task on the model's family, and its parameters: the family's
+    defaults, then the request's fields, then its ``arguments``, checked against the workflow."""
+    model = models.resolve(model_id, "checkpoints")
+    recipe, family, notes = models.recipe(task, model)
+    notes += model.notes
+    declared = models.workflow(recipe.workflow)
+    defaults = dict(recipe.defaults)
+    if declared is not None and declared.params is not None:  # a workflow an operator changed may lack some
+        defaults = {k: v for k, v in defaults.items() if k in declared.params}
+    if given.get("negative_prompt") and not family.negative_prompt:
+        notes.append(f"negativePrompt is ignored: {family.title} takes no negative prompt")
+        del given["negative_prompt"]
+    arguments = arguments or {}
+    params = {**defaults, **given, **arguments, "checkpoint": model.file}
+    if declared is None:
+        if arguments:
+            notes.append(f"no agent has served {recipe.workflow} yet: its arguments are checked when it runs")
+        return recipe.workflow, params, model, notes
+    errors = [FieldError(f"arguments.{k}", "names the model: use the model field", "invalid")
+              for k in arguments if k in (declared.params or {}) and declared.params[k].type == "model"]
+    errors += check_args(declared, {k: v for k, v in params.items() if k != "checkpoint"}, files=files,
+                         field=lambda name: f"arguments.{name}" if name in arguments else _PROMPTS.get(name, name))
+    if errors:
+        raise InvalidRequest(errors)
+    return recipe.workflow, params, model, notes
 
 
 def _present(**values: Any) -> dict[str, Any]:
@@ -125,55 +164,70 @@ _PROMPTS = {"prompt": "positivePrompt", "negative_prompt": "negativePrompt", "ch
 
 class TextToImage(ApiRequest):
     field_names: ClassVar[dict[str, str]] = _PROMPTS
-    positive_prompt: Annotated[str, Field(min_length=1)]
-    negative_prompt: str | None = None
-    width: Size = 512
-    height: Size = 512
+    positive_prompt: Annotated[str, Field(min_length=1, max_length=TEXT_MAX)]
+    negative_prompt: Annotated[str, Field(max_length=TEXT_MAX)] | None = None
+    width: Size | None = None  # the model family's default when not given
+    height: Size | None = None
     batch_size: Batch = 1
     model: str | None = None
     seed: Seed | None = None
+    arguments: Arguments = None
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        params = _present(prompt=self.positive_prompt, negative_prompt=self.negative_prompt, width=self.width,
-                          height=self.height, batch_size=self.batch_size, seed=self.seed,
-                          checkpoint=_model(catalog, self.model, "checkpoints"))
-        return JobSpec("txt2img", params, {}, params["checkpoint"], self.width * self.height * self.batch_size / 1e6)
+    def job(self, models: ModelBook) -> JobSpec:
+        given = _present(prompt=self.positive_prompt, negative_prompt=self.negative_prompt, width=self.width,
+                         height=self.height, batch_size=self.batch_size, seed=self.seed)
+        workflow, params, model, notes = _image_recipe(models, "txt2img", self.model, given, self.arguments)
+        pixels = _int(params.get("width"), 512) * _int(params.get("height"), 512) * _int(params.get("batch_size"), 1)
+        return JobSpec(workflow, params, {}, model.file, pixels / 1e6, notes)
+
+
+def _int(value: Any, fallback: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return fallback
 
 
 class ImageToImage(ApiRequest):
     field_names: ClassVar[dict[str, str]] = _PROMPTS
     image: ImageFile
-    positive_prompt: str | None = None
-    negative_prompt: str | None = None
+    positive_prompt: Annotated[str, Field(max_length=TEXT_MAX)] | None = None
+    negative_prompt: Annotated[str, Field(max_length=TEXT_MAX)] | None = None
     model: str | None = None
     denoise: Denoise | None = None
     batch_size: Batch = 1
     seed: Seed | None = None
+    arguments: Arguments = None
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        params = _present(prompt=self.positive_prompt, negative_prompt=self.negative_prompt, denoise=self.denoise,
-                          batch_size=self.batch_size, seed=self.seed, checkpoint=_model(catalog, self.model, "checkpoints"))
+    def job(self, models: ModelBook) -> JobSpec:
+        given = _present(prompt=self.positive_prompt, negative_prompt=self.negative_prompt, denoise=self.denoise,
+                         batch_size=self.batch_size, seed=self.seed)
+        workflow, params, model, notes = _image_recipe(models, "img2img", self.model, given, self.arguments,
+                                                       frozenset({"image"}))
         info = self.image.info
-        return JobSpec("img2img", params, {"image": self.image}, params["checkpoint"],
-                       info.width * info.height * self.batch_size / 1e6)
+        return JobSpec(workflow, params, {"image": self.image}, model.file,
+                       info.width * info.height * self.batch_size / 1e6, notes)
 
 
 class ImageWithMask(ApiRequest):
     field_names: ClassVar[dict[str, str]] = _PROMPTS
     image: ImageFile
     mask: ImageFile
-    positive_prompt: str | None = None
-    negative_prompt: str | None = None
+    positive_prompt: Annotated[str, Field(max_length=TEXT_MAX)] | None = None
+    negative_prompt: Annotated[str, Field(max_length=TEXT_MAX)] | None = None
     model: str | None = None
     denoise: Denoise | None = None
     seed: Seed | None = None
+    arguments: Arguments = None
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        params = _present(prompt=self.positive_prompt, negative_prompt=self.negative_prompt, denoise=self.denoise,
-                          seed=self.seed, checkpoint=_model(catalog, self.model, "checkpoints"))
+    def job(self, models: ModelBook) -> JobSpec:
+        given = _present(prompt=self.positive_prompt, negative_prompt=self.negative_prompt, denoise=self.denoise,
+                         seed=self.seed)
+        workflow, params, model, notes = _image_recipe(models, "inpaint", self.model, given, self.arguments,
+                                                       frozenset({"image", "mask"}))
         info = self.image.info
-        return JobSpec("inpaint", params, {"image": self.image, "mask": self.mask}, params["checkpoint"],
-                       info.width * info.height / 1e6)
+        return JobSpec(workflow, params, {"image": self.image, "mask": self.mask}, model.file,
+                       info.width * info.height / 1e6, notes)
 
 
 class ImageUpscale(ApiRequest):
@@ -181,10 +235,11 @@ class ImageUpscale(ApiRequest):
     model: str | None = None
     seed: Seed | None = None  # accepted for compatibility; an upscale model has no randomness
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        upscaler = _model(catalog, self.model, "upscale_models")
+    def job(self, models: ModelBook) -> JobSpec:
+        upscaler = models.resolve(self.model, "upscale_models")
         info = self.image.info
-        return JobSpec("upscale", {"model": upscaler}, {"image": self.image}, upscaler, 4 * info.width * info.height / 1e6)
+        return JobSpec("upscale", {"model": upscaler.file}, {"image": self.image}, upscaler.file,
+                       4 * info.width * info.height / 1e6, list(upscaler.notes))
 
 
 class Echo(ApiRequest):
@@ -193,8 +248,67 @@ class Echo(ApiRequest):
     results: ClassVar[str] = "text"
     text: str = ""
 
-    def job(self, catalog: Catalog) -> JobSpec:
+    def job(self, models: ModelBook) -> JobSpec:
         return JobSpec("echo", {"text": self.text}, {}, None, 0.0)
+
+
+class ComfyWorkflow(ApiRequest):
+    """Run any workflow an agent serves, by name: its declared parameters in ``args`` (or as fields
+    and, for images, as file parts named after them)."""
+
+    model_config = ConfigDict(**ApiRequest.model_config | {"extra": "allow"})
+    workflow: Annotated[str, Field(min_length=1)]
+    args: Arguments = None
+
+    def job(self, models: ModelBook) -> JobSpec:
+        declared = models.workflow(self.workflow)
+        if declared is None or declared.params is None:
+            served = ", ".join(models.workflows()) or "none"
+            raise InvalidRequest(FieldError("workflow", f"no agent serves {self.workflow!r}; served now: {served}",
+                                            "unknown"))
+        args: dict[str, Any] = dict(self.args or {})
+        received = {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, Received)}
+        args.update({k: v for k, v in (self.model_extra or {}).items() if k not in received and k not in args})
+        errors = check_args(declared, args, files=frozenset(received))
+        files: dict[str, Upload] = {}
+        for name, value in received.items():
+            if name in declared.params and declared.params[name].type == "image":
+                try:
+                    files[name] = _image_upload(value)
+                except ValueError as exc:
+                    errors.append(FieldError(name, str(exc), "not_an_image"))
+        if errors:
+            raise InvalidRequest(errors)
+        model, notes = None, []
+        for name, param in declared.params.items():  # the job is scheduled by the model it loads
+            if param.type != "model":
+                continue
+            kind = param.kind or "checkpoints"
+            if args.get(name):
+                ref = models.resolve(str(args[name]), kind, field=name)  # an alias becomes its file
+            else:  # the template's own model if anyone has it, else the catalog's default of its kind
+                try:
+                    ref = models.resolve(str(param.default or ""), kind, field=name)
+                except InvalidRequest:
+                    ref = models.resolve(None, kind, field=name)
+                    notes.append(f"{name}: the workflow's own {param.default!r} is on no connected agent; "
+                                 f"the catalog's default {ref.file!r} is used")
+            args[name] = ref.file
+            notes += ref.notes
+            model = model or ref.file
+        return JobSpec(self.workflow, args, dict(files), model, _megapixels(declared.params, args, files), notes)
+
+
+def _megapixels(params: dict[str, Any], args: dict[str, Any], files: dict[str, Upload]) -> float:
+    """Output pixels x batch, in millions, from the arguments or the declared defaults."""
+    def value(name: str, fallback: int) -> int:
+        return _int(args.get(name, params[name].default if name in params else None), fallback)
+
+    if "width" in params and "height" in params:
+        pixels = value("width", 512) * value("height", 512)
+    else:
+        pixels = max((f.info.width * f.info.height for f in files.values()), default=0)
+    return pixels * value("batch_size", 1) / 1e6
 
 
 # ---- speech ------------------------------------------------------------------------------------
@@ -223,9 +337,10 @@ class SpeechToText(ApiRequest):
     model: str | None = None  # a whisper model: tiny.en, base, small, ...
     language: Annotated[str | None, AfterValidator(_language)] = None  # detected when not given
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        model = _model(catalog, self.model, "whisper")
-        return JobSpec("speech-to-text", _present(model=model, language=self.language), {"audio": self.audio}, model, 0.0)
+    def job(self, models: ModelBook) -> JobSpec:
+        model = models.resolve(self.model, "whisper")
+        return JobSpec("speech-to-text", _present(model=model.file, language=self.language), {"audio": self.audio},
+                       model.file, 0.0, list(model.notes))
 
 
 class TextToSpeech(ApiRequest):
@@ -235,9 +350,10 @@ class TextToSpeech(ApiRequest):
     seed: Seed | None = None  # accepted for compatibility; Piper is deterministic
     output_format: Literal["wav", "mp3", "ogg", "flac"] = "wav"
 
-    def job(self, catalog: Catalog) -> JobSpec:
-        voice = _model(catalog, self.model, "piper")
-        return JobSpec("text-to-speech", {"text": self.input, "model": voice, "format": self.output_format}, {}, voice, 0.0)
+    def job(self, models: ModelBook) -> JobSpec:
+        ref = models.resolve(self.model, "piper")
+        return JobSpec("text-to-speech", {"text": self.input, "model": ref.file, "format": self.output_format}, {},
+                       ref.file, 0.0, list(ref.notes))
 
 
 # ---- media transforms ----------------------------------------------------------------------------
@@ -279,7 +395,7 @@ class Transform(ApiRequest):
     capability: ClassVar[str]
     files: ClassVar[tuple[str, ...]]
 
-    def job(self, catalog: Catalog) -> JobSpec:
+    def job(self, models: ModelBook) -> JobSpec:
         common = set(ApiRequest.model_fields)
         params = {n: getattr(self, n) for n in type(self).model_fields if n not in common and n not in self.files}
         return JobSpec(self.capability, params, {n: getattr(self, n) for n in self.files}, None, 0.0)
@@ -368,7 +484,7 @@ class WatermarkImage(Transform):
 
 
 APIS: dict[str, type[ApiRequest]] = {cls.__name__: cls for cls in (
-    TextToImage, ImageToImage, ImageWithMask, ImageUpscale, SpeechToText, TextToSpeech, ScaleVideo, CropVideo,
+    TextToImage, ImageToImage, ImageWithMask, ImageUpscale, ComfyWorkflow, SpeechToText, TextToSpeech, ScaleVideo, CropVideo,
     TrimVideo, ConvertVideo, WatermarkVideo, ConvertAudio, ScaleImage, CropImage, ConvertImage, WatermarkImage)}
 
 

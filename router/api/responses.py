@@ -79,6 +79,7 @@ class QueueResponse(_Response):
     job_state: str
     status: str
     status_url: str
+    notes: list[str] = Field(default_factory=list)  # what the router decided for the request (a family's defaults, ...)
     response_status: ResponseStatus | None = None
 
 
@@ -99,6 +100,7 @@ class StatusResponse(_Response):
     status: str
     progress: JobProgress | None = None
     results: list[GenerationResult] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
     response_status: ResponseStatus | None = None
 
 
@@ -126,6 +128,7 @@ class JobSummary(_Response):
     request: dict[str, Any]  # the parameters (uploaded files are in inputs)
     inputs: dict[str, str]  # field -> URL of the uploaded file
     results: list[GenerationResult]
+    notes: list[str]
     error: dict[str, Any] | None
 
     @classmethod
@@ -134,7 +137,7 @@ class JobSummary(_Response):
                    agent=job.agent, attempts=job.attempt, queued=_when(job.created), started=_when(job.started),
                    finished=_when(job.finished), request=job.params,
                    inputs={k: links.file(v) for k, v in job.inputs.items()},
-                   results=results_of(job, links), error=job.error)
+                   results=results_of(job, links), notes=job.notes, error=job.error)
 
 
 class JobsResponse(_Response):
@@ -183,7 +186,7 @@ def failure_of(job: Job, field_names: dict[str, str]) -> tuple[int, ResponseStat
 def status_of(job: Job, links: Links, text: str, progress: Progress | None,
               field_names: dict[str, str]) -> StatusResponse:
     answer = StatusResponse(job_id=job.id, ref_id=job.ref_id, job_state=job.state, status=text,
-                            results=results_of(job, links))
+                            results=results_of(job, links), notes=job.notes)
     if job.state == JobState.STARTED and progress is not None:
         answer.progress = JobProgress(step=progress.step, total=progress.total, stage=progress.node)
     if job.state in (JobState.FAILED, JobState.CANCELLED):

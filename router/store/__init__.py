@@ -53,6 +53,7 @@ class Job:
     lease_expires: float | None = None  # when a lease whose session is gone is given up
     avoid: list[str] = field(default_factory=list)  # agents that lost it: preferred last, never banned
     min_free_vram: int = 0
+    notes: list[str] = field(default_factory=list)  # what the router decided for the client (family defaults, ...)
     results: dict[str, Any] | None = None  # {"artifacts": [...], "texts": [...]}
     error: dict[str, Any] | None = None
     created: float = 0.0

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     key_id INTEGER, ref_id TEXT, tag TEXT, reply_to TEXT, base_url TEXT,
     state TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0, agent TEXT,
     session TEXT, lease_expires REAL, avoid TEXT NOT NULL DEFAULT '[]', min_free_vram INTEGER NOT NULL DEFAULT 0,
-    results TEXT, error TEXT, created REAL NOT NULL, started REAL, finished REAL
+    notes TEXT NOT NULL DEFAULT '[]', results TEXT, error TEXT, created REAL NOT NULL, started REAL, finished REAL
 );
 """
 SCHEMA = JOBS_TABLE + """
@@ -62,11 +62,12 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 
 
 JOB_COLUMNS = ("api", "capability", "params", "inputs", "model", "megapixels", "max_attempts", "key_id", "ref_id",
                "tag", "reply_to", "base_url", "state", "attempt", "failures", "agent", "session", "lease_expires",
-               "avoid", "min_free_vram", "results", "error", "created", "started", "finished")
+               "avoid", "min_free_vram", "notes", "results", "error", "created", "started", "finished")
 # columns newer than the first stores and archives, added when such a file is opened
 ADDED_JOB_COLUMNS = {"base_url": "TEXT", "failures": "INTEGER NOT NULL DEFAULT 0", "session": "TEXT",
-                     "lease_expires": "REAL", "avoid": "TEXT NOT NULL DEFAULT '[]'"}
-_JSON = {"params", "inputs", "avoid", "results", "error"}
+                     "lease_expires": "REAL", "avoid": "TEXT NOT NULL DEFAULT '[]'",
+                     "notes": "TEXT NOT NULL DEFAULT '[]'"}
+_JSON = {"params", "inputs", "avoid", "notes", "results", "error"}
 _DELIVERY_COLUMNS = ("job_id", "key_id", "url", "webhook_id", "body", "created", "attempts", "next_at", "state",
                      "last_error")
 

@@ -155,7 +155,9 @@ function resolve(schema) {
 }
 
 async function showPlayground() {
+  spec = null; // workflows come and go with the agents: read the document afresh
   await loadSpec();
+  imageModels = (await api("/api/QueryMediaModels?take=1000")).results.filter((m) => m.available);
   const select = $("#playground-api");
   if (!select.options.length) {
     const apis = Object.keys(spec.paths).filter((p) => p.startsWith("/api/Queue")).map((p) => p.slice("/api/Queue".length));
@@ -168,16 +170,34 @@ async function showPlayground() {
   renderForm();
 }
 
-const HIDDEN_FIELDS = new Set(["refId", "tag", "replyTo"]);
+const HIDDEN_FIELDS = new Set(["refId", "tag", "replyTo", "arguments", "args"]);
+const IMAGE_APIS = new Set(["TextToImage", "ImageToImage", "ImageWithMask"]);
+let imageModels = [];
+
+// an image model as the playground lists it: what can run now, with its family's defaults
+function modelOption(m) {
+  const d = [m.familyTitle || m.family, m.width && `${m.width}x${m.height}`, m.steps && `${m.steps} steps`, m.cfgScale != null && `cfg ${m.cfgScale}`];
+  return el("option", { value: m.id, text: `${m.id} (${d.filter(Boolean).join(", ")})` });
+}
 
 function renderForm() {
   const name = $("#playground-api").value;
-  const schema = resolve({ $ref: `#/components/schemas/${name}` });
+  let schema = resolve({ $ref: `#/components/schemas/${name}` });
+  let extra = [];
+  if (name === "ComfyWorkflow") { // the chosen workflow's own parameters, as fields of the form
+    const workflows = schema.properties.workflow?.enum || [];
+    const chosen = $("#playground-workflow")?.value || workflows[0];
+    const pick = el("select", { name: "workflow", id: "playground-workflow" }, ...workflows.map((w) => el("option", { value: w, text: w, selected: w === chosen })));
+    pick.addEventListener("change", renderForm);
+    extra = [el("label", {}, el("span", { text: "workflow *" }), pick)];
+    schema = chosen ? resolve({ $ref: `#/components/schemas/workflow.${chosen}` }) : {};
+  }
   const required = new Set(schema.required || []);
-  const fields = Object.entries(schema.properties || {}).filter(([field]) => !HIDDEN_FIELDS.has(field)).map(([field, raw]) => {
+  const fields = Object.entries(schema.properties || {}).filter(([field]) => !HIDDEN_FIELDS.has(field) && !(extra.length && field === "workflow")).map(([field, raw]) => {
     const s = resolve(raw);
     let input;
-    if (s.format === "binary") input = el("input", { type: "file", name: field, accept: s.contentMediaType });
+    if (field === "model" && IMAGE_APIS.has(name)) input = el("select", { name: field }, el("option", { value: "", text: "(the default model)" }), ...imageModels.map(modelOption));
+    else if (s.format === "binary") input = el("input", { type: "file", name: field, accept: s.contentMediaType });
     else if (s.enum) input = el("select", { name: field }, ...(required.has(field) ? [] : [el("option", { value: "", text: "" })]),
       ...s.enum.map((v) => el("option", { value: v, text: v, selected: v === raw.default })));
     else if (s.type === "integer" || s.type === "number") input = el("input", { type: "number", name: field, min: s.minimum, max: s.maximum, step: s.type === "integer" ? (s.multipleOf || 1) : "any", value: raw.default ?? "" });
@@ -187,7 +207,7 @@ function renderForm() {
     input.required = required.has(field);
     return el("label", {}, el("span", { text: `${field}${required.has(field) ? " *" : ""}` }), input);
   });
-  $("#playground-form").replaceChildren(...fields, el("button", { type: "submit", text: `Run ${name}` }));
+  $("#playground-form").replaceChildren(...extra, ...fields, el("button", { type: "submit", text: `Run ${name}` }));
 }
 
 async function runPlayground(event) {
