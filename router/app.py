@@ -41,7 +41,7 @@ from .models import ModelBook
 from .outcomes import Outcomes
 from .queue import JobQueue
 from .retention import Retention
-from .sessions import SessionRegistry
+from .sessions import LOCAL_WORKER, SessionRegistry
 from .state import (
     ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, DISPATCHER, FINDER, METRICS, MODELS, OUTCOMES, QUEUE, RETENTION, SESSIONS, SETTINGS,
     SIGNER, STORE,
@@ -106,7 +106,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     app[FINDER] = JobFinder(queue.live, store, app[ARCHIVE])
     retention = app[RETENTION] = Retention(store, app[ARTIFACTS], settings.router)
     outcomes = app[OUTCOMES] = Outcomes(queue, app[SESSIONS], retention, settings.router.lease_grace_s)
-    queue.recover(time.time(), settings.router.lease_grace_s)
+    queue.recover(time.time(), settings.router.lease_grace_s, own_worker=LOCAL_WORKER)
     tasks = [_supervised("dispatcher", dispatcher.run),
              _supervised("agent-watchdog", lambda: _watchdog(app)),
              _supervised("callbacks", callbacks.run),

@@ -46,14 +46,18 @@ class JobQueue:
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
-    def recover(self, now: float, lease_grace_s: float) -> None:
+    def recover(self, now: float, lease_grace_s: float, own_worker: str | None = None) -> None:
         """Load every unfinished job. The sessions that held running jobs ended with the last router,
-        so each lease gets ``lease_grace_s`` for its agent to reconnect and take it back."""
+        so each lease gets ``lease_grace_s`` for its agent to reconnect and take it back. Jobs the
+        router's own worker (``own_worker``) was running ended with it: they are queued again at
+        once, at no attempt's cost (the router stopping is not the job's fault)."""
         for job in self.store.unfinished_jobs():
-            if job.state == JobState.STARTED and (job.lease_expires is None or job.lease_expires < now + lease_grace_s):
+            self.live[job.id] = job
+            if job.state == JobState.STARTED and own_worker is not None and job.agent == own_worker:
+                self.requeue(job, Decision(True, charged=False))
+            elif job.state == JobState.STARTED and (job.lease_expires is None or job.lease_expires < now + lease_grace_s):
                 job.lease_expires = now + lease_grace_s
                 self.store.set_lease_expiry(job, job.lease_expires)
-            self.live[job.id] = job
         log.info("queue recovered", extra={"jobs": len(self.live)})
         self.on_change()
 

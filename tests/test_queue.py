@@ -19,7 +19,7 @@ from router.events import JobEvents
 from router.outcomes import Outcomes
 from router.queue import JobQueue
 from router.retention import Retention
-from router.sessions import AgentSession, Refusal, SessionRegistry
+from router.sessions import LOCAL_WORKER, AgentSession, Refusal, SessionRegistry
 from router.store import Job, JobState
 from router.store.sqlite import SqliteStore
 
@@ -182,6 +182,31 @@ async def test_after_a_router_restart_running_jobs_wait_for_their_agents(fleet: 
     await outcomes.done(session, Done(job_id=job.id, attempt=1))
     finished = restarted.get_job(job.id)
     assert finished is not None and finished.state == JobState.COMPLETED and finished.failures == 0
+
+
+async def test_after_a_router_restart_its_own_workers_jobs_run_again_at_no_attempts_cost(fleet: Fleet,
+                                                                                        tmp_path: Path) -> None:
+    worker = fleet.sessions.join(Hello(name=LOCAL_WORKER, instance="w", cpu_only=True, devices=[], models=[],
+                                       capabilities=[Capability(name="scale-image", vram_base=0, vram_per_megapixel=0)], concurrency=1),
+                                 _noop, _noop, local=True)[0]
+    worker.slots = 1
+    mine = fleet.submit(capability="scale-image", model=None)
+    theirs = fleet.submit()
+    fleet.join("a")
+    await fleet.dispatch()
+    assert (fleet.stored(mine).agent, fleet.stored(theirs).agent) == (LOCAL_WORKER, "a")
+    fleet.store.close()
+
+    restarted = SqliteStore(tmp_path / "router.db")  # the router (and its worker) stopped mid-job
+    queue = JobQueue(restarted, JobEvents())
+    queue.recover(time.time(), GRACE, own_worker=LOCAL_WORKER)
+    again = queue.live[mine.id]
+    assert again.state == JobState.QUEUED and again.failures == 0 and again.agent is None
+    assert queue.live[theirs.id].state == JobState.STARTED, "an agent's job waits for its agent to come back"
+
+
+async def _noop(*_: object) -> None:
+    return None
 
 
 async def test_names_are_one_live_agent_each(fleet: Fleet) -> None:
