@@ -30,6 +30,7 @@ test: install
 bench: install
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.router
+	$(BIN)/python -m bench.dispatch
 	$(BIN)/python -m bench.media
 	$(BIN)/python -m bench.chaos
 

@@ -1,6 +1,6 @@
 """Handing queued jobs to agents: whenever something changed (a job, a free slot, an agent joining,
-leaving or reporting), each queued job in order is placed by the scheduler (router/scheduler.py),
-claimed in the store and sent to the agent.
+leaving or reporting), each queued job in turn (API keys taking turns, oldest first) is placed by
+the scheduler (router/scheduler.py), claimed in the store and sent to the agent.
 
 A job that no connected agent can take (no agent has its model, none has the memory, none can run
 it; not merely all busy) waits with that reason in its status; after ``unplaceable_timeout_s`` of
@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import Iterable, Mapping
 
 from gpugate.errors import FailureKind
 from gpugate.wire import Failure, JobOffer
 
 from .queue import JobQueue
-from .scheduler import JobNeeds, Unplaceable, choose
+from .scheduler import AgentView, JobNeeds, Unplaceable, choose
 from .sessions import AgentSession, SessionRegistry
 from .store import Job, JobState
 
@@ -32,6 +34,8 @@ class Dispatcher:
         self.queue, self.sessions = queue, sessions
         self.unplaceable_timeout_s = unplaceable_timeout_s
         self._unplaceable_since: dict[int, float] = {}
+        self._last_served: dict[int | None, int] = {}  # API key -> the turn its last job was handed out
+        self._turn = 0
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -56,11 +60,18 @@ class Dispatcher:
         return choice.reason if isinstance(choice, Unplaceable) and choice.missing else None
 
     async def dispatch(self, now: float) -> None:
-        """One pass over the queued jobs, oldest first."""
+        """One pass over the queued jobs in fair order (``fair_order``). The agents' views are built
+        once per pass and updated as jobs are handed out; jobs with the same needs get the same
+        answer until one is handed out, so a long queue costs a look-up per job, not a placement."""
         offers: list[tuple[AgentSession, JobOffer]] = []
         running = self.queue.running_by_session()
-        for job in self.queue.queued():
-            choice = choose(_needs(job), self.sessions.views(running, now))
+        views = {v.name: v for v in self.sessions.views(running, now)}
+        decided: dict[JobNeeds, AgentView | Unplaceable] = {}
+        for job in fair_order(self.queue.queued(), self._last_served):
+            needs = _needs(job)
+            choice = decided.get(needs)
+            if choice is None:
+                choice = decided[needs] = choose(needs, views.values())
             if isinstance(choice, Unplaceable):
                 self._waits(job.id, choice, now)
                 continue
@@ -70,6 +81,10 @@ class Dispatcher:
                 continue  # finished meanwhile (cancelled, say)
             session.slots -= 1
             running[session.id] += 1
+            self._turn += 1
+            self._last_served[job.key_id] = self._turn
+            views[choice.name] = dataclasses.replace(choice, slots=max(choice.slots - 1, 0), running=choice.running + 1)
+            decided.clear()  # that agent has one slot less now
             offers.append((session, JobOffer(job_id=job.id, attempt=job.attempt, capability=job.capability,
                                              params=job.params, inputs=job.inputs)))
         for session, offer in offers:
@@ -92,6 +107,25 @@ class Dispatcher:
             message = f"no connected agent could take it for {now - since:.0f}s: {why.reason}"
             log.warning("job unschedulable", extra={"job": job_id, "error": message})
             self.queue.finish(job, JobState.FAILED, Failure(kind=FailureKind.UNSCHEDULABLE, message=message))
+
+
+def fair_order(jobs: Iterable[Job], last_served: Mapping[int | None, int]) -> list[Job]:
+    """Queued jobs taking turns by API key: one job of each key, then another of each, ..., each
+    key's oldest first; the key served least recently (``last_served``: a key -> the turn its last
+    job was handed out) takes its turn first in every round. One key queuing ten thousand jobs
+    delays another key's next job by about one job, not by ten thousand."""
+    by_key: dict[int | None, list[Job]] = {}
+    for job in sorted(jobs, key=lambda j: j.id):  # already in id order but after a recovery: linear
+        by_key.setdefault(job.key_id, []).append(job)
+    if len(by_key) == 1:
+        return next(iter(by_key.values()))
+    order = sorted(by_key, key=lambda k: (last_served.get(k, -1), by_key[k][0].id))
+    active, out, turn = [by_key[k] for k in order], [], 0
+    while active:
+        out.extend(queue[turn] for queue in active)
+        turn += 1
+        active = [queue for queue in active if len(queue) > turn]
+    return out
 
 
 def _needs(job: Job) -> JobNeeds:

@@ -14,7 +14,7 @@ from gpugate.errors import FailureKind
 from gpugate.settings import Router as RouterSettings
 from gpugate.wire import Ack, Artifact, Capability, Device, Done, Failed, Failure, HeldJob, Hello, JobOffer, Model, StopJob
 from router.artifacts import ArtifactStore
-from router.dispatch import Dispatcher
+from router.dispatch import Dispatcher, fair_order
 from router.events import JobEvents
 from router.outcomes import Outcomes
 from router.queue import JobQueue
@@ -333,3 +333,24 @@ async def test_when_the_store_refuses_a_change_the_cache_follows_the_store(fleet
     await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1))
     assert job.id not in fleet.queue.live and fleet.queue.live.get(job.id) is None
     assert fleet.stored(job).state == JobState.CANCELLED
+
+
+async def test_api_keys_take_turns_so_a_long_queue_does_not_hold_up_another_keys_job(fleet: Fleet) -> None:
+    agent, _, _ = fleet.join("a")
+    flood = [fleet.submit(key_id=1) for _ in range(3)]
+    other = fleet.submit(key_id=2)
+    order = []
+    for _ in range(4):
+        [(_, offer)] = await fleet.dispatch()
+        order.append(offer.job_id)
+        await fleet.outcomes.done(agent, Done(job_id=offer.job_id, attempt=offer.attempt))
+        agent.slots = 1
+    assert order == [flood[0].id, other.id, flood[1].id, flood[2].id]
+
+
+def test_fair_order_takes_keys_in_turn_oldest_and_least_recently_served_first() -> None:
+    jobs = [Job(id=i, api="TextToImage", capability="txt2img", params={}, inputs={}, model="m", megapixels=1.0,
+                max_attempts=3, key_id=i % 3) for i in range(1, 10)]
+    assert [j.id for j in fair_order(jobs, {})] == [1, 2, 3, 4, 5, 6, 7, 8, 9], "keys already alternating: unchanged"
+    assert [j.id for j in fair_order(list(reversed(jobs)), {})] == [1, 2, 3, 4, 5, 6, 7, 8, 9], "oldest first"
+    assert [j.id for j in fair_order(jobs, {1: 5, 2: 3})][:3] == [3, 2, 1], "the key served longest ago first"
