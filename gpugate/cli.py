@@ -267,7 +267,7 @@ def _jobs_list(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     store, finder = _job_history(settings)
     try:
-        for job in finder.find(query):
+        for job in asyncio.run(finder.find(query)):
             took = f"{job.finished - job.created:8.2f}s" if job.finished else " " * 9
             error = (job.error or {}).get("message", "")
             print(f"{job.id:6} {job.state:9} {job.api:18} {_when(job.created)} {took} ref={job.ref_id or '-'} "
@@ -294,7 +294,7 @@ def _jobs_show(settings: Settings, args: argparse.Namespace) -> int:
 
     store, finder = _job_history(settings)
     try:
-        job = finder.get(args.id)
+        job = asyncio.run(finder.get(args.id))
     finally:
         store.close()
     if job is None:

@@ -61,7 +61,7 @@ async def test_a_finished_jobs_files_go_after_the_retention_period_and_a_live_jo
     waiting.add_field("width", "64")
     waiting.add_field("height", "64")
     live = await call(router, key.token, "QueueScaleVideo", waiting)
-    live_input = router.app[FINDER].get(live["jobId"]).inputs["video"]  # type: ignore[union-attr]
+    live_input = (await router.app[FINDER].get(live["jobId"])).inputs["video"]  # type: ignore[union-attr]
 
     done = await call(router, key.token, "ScaleImage", scale_form())
     output = done["results"][0]["fileName"]

@@ -74,7 +74,7 @@ async def revoke(request: web.Request) -> web.Response:
     return web.json_response(_key_info(next(k for k in request.app[STORE].list_keys() if k.id == asked.id)).body())
 
 
-def _dashboard(request: web.Request) -> Dashboard:
+async def _dashboard(request: web.Request) -> Dashboard:
     app = request.app
     queue = app[QUEUE]
     live = list(queue.live.values())
@@ -89,13 +89,13 @@ def _dashboard(request: web.Request) -> Dashboard:
                         draining=a.draining) for a in sessions.remote()]
     problem, found = app[RETENTION].disk_problem(), links(request)
     return Dashboard(agents=agents, queue=waiting, running=sum(j.state == JobState.STARTED for j in live),
-                     recent=[JobSummary.of(j, found) for j in app[FINDER].find(JobQuery(limit=20))],
+                     recent=[JobSummary.of(j, found) for j in await app[FINDER].find(JobQuery(limit=20))],
                      throughput=app[METRICS].throughput(now), problems=[problem] if problem else [])
 
 
 async def dashboard(request: web.Request) -> web.Response:
     _admin(request)
-    return web.json_response(_dashboard(request).body())
+    return web.json_response((await _dashboard(request)).body())
 
 
 async def dashboard_events(request: web.Request) -> web.StreamResponse:
@@ -105,7 +105,7 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     with contextlib.suppress(ConnectionResetError):  # the page was closed
         while True:
-            await response.write(f"event: dashboard\ndata: {json.dumps(_dashboard(request).body())}\n\n".encode())
+            await response.write(f"event: dashboard\ndata: {json.dumps((await _dashboard(request)).body())}\n\n".encode())
             await asyncio.sleep(DASHBOARD_EVERY_S)
     return response
 

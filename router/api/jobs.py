@@ -52,9 +52,9 @@ async def _find_job(request: web.Request) -> Job:
             raise invalid([FieldError("jobId", "must be a number")]) from None
         if not 0 < job_id < MAX_ID:
             raise invalid([FieldError("jobId", "no job has this id", "out_of_range")])
-        job = finder.get(job_id)
+        job = await finder.get(job_id)
     elif fields.get("refid"):
-        job = finder.get_by_ref(key.id, str(fields["refid"]))
+        job = await finder.get_by_ref(key.id, str(fields["refid"]))
     else:
         raise invalid([FieldError("jobId", "jobId or refId is required", "required")])
     if job is None or (job.key_id != key.id and not key.admin):
@@ -90,7 +90,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
     with queue.events.watch(job.id) as events, contextlib.suppress(ConnectionResetError):  # or the client left
-        job = finder.get(job.id) or job  # it may have finished before the watch began
+        job = await finder.get(job.id) or job  # it may have finished before the watch began
         if job.state in (JobState.QUEUED, JobState.STARTED):
             await _event(response, "progress", _status(request, job))
         while job.state in (JobState.QUEUED, JobState.STARTED):
@@ -146,6 +146,6 @@ async def query_jobs(request: web.Request) -> web.Response:
         filters = JobFilter.model_validate(fields)
     except ValidationError as exc:
         raise invalid([FieldError(".".join(map(str, e["loc"])) or "query", e["msg"]) for e in exc.errors()]) from None
-    jobs = request.app[FINDER].find(filters.query(request[KEY]))
+    jobs = await request.app[FINDER].find(filters.query(request[KEY]))
     found = links(request)
     return web.json_response(JobsResponse(jobs=[JobSummary.of(j, found) for j in jobs]).body())

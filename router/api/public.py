@@ -85,7 +85,7 @@ async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequ
         return app[QUEUE].submit(job)
     except DuplicateRefId:  # a retried request: the job it already made is the answer, with its own files
         await app[ARTIFACTS].remove(inputs.values())
-        existing = app[FINDER].get_by_ref(key.id, parsed.ref_id or "")
+        existing = await app[FINDER].get_by_ref(key.id, parsed.ref_id or "")
         if existing is None or existing.api != job.api:
             raise invalid([FieldError("refId", "is already used by another request")]) from None
         return existing
