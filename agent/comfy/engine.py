@@ -134,11 +134,6 @@ class ComfyEngine:
         """The values ComfyUI accepts at a node's input (samplers, installed models...), if it lists them."""
         return combo_values(self._object_info, class_type, input_name)
 
-    @property
-    def object_info(self) -> dict[str, Any]:
-        """ComfyUI's node definitions as last read ({} while it is down)."""
-        return self._object_info
-
     async def refresh(self) -> None:
         """Re-read ComfyUI's node schemas: installed models and accepted values change with them."""
         assert self.client is not None

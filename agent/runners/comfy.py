@@ -71,6 +71,7 @@ class ComfyRunner:
         for m in found:
             family = self._families.family(root / m.kind / m.name) if m.kind in FAMILY_KINDS else None
             out.append(Model(kind=m.kind, name=m.name, size=m.size, family=family.value if family else None))
+        self._families.retain(root / m.kind / m.name for m in found)  # forget files no longer listed
         return out
 
     def loaded(self) -> list[str]:
