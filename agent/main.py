@@ -16,6 +16,7 @@ from .comfy.engine import ComfyEngine
 from .gpu import plan_workers, report_devices
 from .link import RouterLink
 from .runners import Runner
+from .runners.chat import ChatRunner
 from .runners.comfy import ComfyRunner
 from .runners.echo import EchoRunner
 from .runners.media import MediaRunner
@@ -27,11 +28,15 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def runners(settings: Settings) -> AsyncIterator[list[Runner]]:
     """The capabilities this agent offers (``agent.runners``), started, and stopped on exit.
-    Speech models are loaded while ComfyUI starts, so both are warm when the agent joins."""
+    Speech models are loaded while ComfyUI starts, so both are warm when the agent joins; chat
+    models load on their first chat (or by ``agent.warm_models``)."""
     chosen = settings.agent.runners
     out: list[Runner] = [EchoRunner()] if "echo" in chosen else []
     if "media" in chosen:
         out.append(MediaRunner(settings))
+    chat = ChatRunner(settings) if "chat" in chosen else None
+    if chat is not None:
+        out.append(chat)
     warming = []
     if "speech" in chosen:
         speech = [WhisperRunner(settings), PiperRunner(settings)]
@@ -53,6 +58,8 @@ async def runners(settings: Settings) -> AsyncIterator[list[Runner]]:
         for task in warming:
             task.cancel()
         await asyncio.gather(*warming, return_exceptions=True)
+        if chat is not None:
+            await chat.close()
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:

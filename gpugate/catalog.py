@@ -43,6 +43,7 @@ class CatalogEntry:
     description: str = ""
     family: str | None = None  # an image model's family (workflows/families.toml); else the agents detect it
     aliases: tuple[str, ...] = ()  # other ids clients send for it (AI Server's model ids)
+    packaged: bool = False  # it ships in a Python package gpugate installs (no download)
 
     def installed(self, models_dir: Path) -> bool:
         folder = models_dir / self.kind
@@ -66,7 +67,8 @@ def _entry(name: str, m: dict[str, Any]) -> CatalogEntry:
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise ConfigError(f"model {name!r}: aliases must be a list of names")
     return CatalogEntry(name, m["kind"], m["file"], bool(m.get("default", False)), tuple(files), m.get("vram_gb"),
-                        m.get("token_env"), m.get("description", ""), m.get("family"), tuple(aliases))
+                        m.get("token_env"), m.get("description", ""), m.get("family"), tuple(aliases),
+                        bool(m.get("packaged", False)))
 
 
 class Catalog:

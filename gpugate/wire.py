@@ -4,7 +4,8 @@ Versioned: ``hello`` and ``welcome`` carry ``WIRE_VERSION``, and each side refus
 version (``version_of`` reads it before anything else is validated, so the refusal names both
 versions). Typed with pydantic so each side validates what it receives in one place.
 
-Agent -> router: hello, heartbeat, pull (free slots), progress, done, failed, leaving.
+Agent -> router: hello, heartbeat, pull (free slots), progress, delta (streamed text), done, failed,
+leaving.
 Router -> agent: welcome (or refused), job, stop (a cancelled job), ack (an answer was recorded).
 
 Who runs a job is a lease: the job's attempt, held by one agent *session* (one per connection,
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from .errors import FailureKind, JobFailed
 
-WIRE_VERSION = 3  # 3: workflows' declared parameters (Capability.params), models' families
+WIRE_VERSION = 4  # 4: chat (Delta, a capability's own slots, models' memory and context)
 
 
 class _Message(BaseModel):
@@ -46,6 +47,8 @@ class Model(_Message):
     name: str
     size: int | None = None
     family: str | None = None  # sd15, sdxl, flux1-schnell, ... (gpugate/families.py), when the agent could tell
+    vram: int | None = None  # bytes it takes loaded, where the agent knows better than its size (an LLM: + KV cache)
+    context: int | None = None  # an LLM's context per request, in tokens
 
 
 class WorkflowParam(_Message):
@@ -71,6 +74,7 @@ class Capability(_Message):
     vram_per_megapixel: int | None = None  # bytes per output megapixel (x batch)
     description: str = ""
     params: dict[str, WorkflowParam] | None = None  # a workflow's declared parameters; None: not a workflow
+    slots: int | None = None  # jobs of it at once in slots of its own (chat: llama.cpp's), apart from concurrency
 
 
 class Artifact(_Message):
@@ -127,10 +131,12 @@ class Heartbeat(_Message):
 
 
 class Pull(_Message):
-    """The agent can take ``slots`` more jobs (on top of those already asked for)."""
+    """The agent can take ``slots`` more jobs (on top of those already asked for): of ``capability``
+    in its own slots (Capability.slots), or of any other capability when None."""
 
     type: Literal["pull"] = "pull"
     slots: int
+    capability: str | None = None
 
 
 class Progress(_Message):
@@ -140,6 +146,15 @@ class Progress(_Message):
     step: int | None = None
     total: int | None = None
     node: str | None = None
+
+
+class Delta(_Message):
+    """Text a running job produced (a chat's next tokens), sent as soon as the agent has it."""
+
+    type: Literal["delta"] = "delta"
+    job_id: int
+    attempt: int
+    text: str
 
 
 class Done(_Message):
@@ -165,7 +180,7 @@ class Leaving(_Message):
     type: Literal["leaving"] = "leaving"
 
 
-AgentMessage = Annotated[Hello | Heartbeat | Pull | Progress | Done | Failed | Leaving, Field(discriminator="type")]
+AgentMessage = Annotated[Hello | Heartbeat | Pull | Progress | Delta | Done | Failed | Leaving, Field(discriminator="type")]
 agent_message = TypeAdapter(AgentMessage)
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from gpugate.catalog import Catalog
 from gpugate.settings import Settings
 
-from .api import admin, discovery, files, jobs, openapi, pages, public
+from .api import admin, chat, discovery, files, jobs, openapi, pages, public
 from .api import agents as agent_api
 from .api.auth import auth_middleware
 from .api.errors import error_middleware
@@ -66,7 +66,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[METRICS] = Metrics()
     app[SIGNER] = url_signer(settings)
     app.add_routes([web.get("/health", health), *public.routes(settings.router.echo_api), *jobs.routes(),
-                    *files.routes(), *discovery.routes(), *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
+                    *files.routes(), *discovery.routes(), *chat.routes(), *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
     app.cleanup_ctx.append(_store(store))
     app.cleanup_ctx.append(_jobs)
     app.on_shutdown.append(_stop_waiting)

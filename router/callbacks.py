@@ -1,6 +1,7 @@
 """ReplyTo callbacks: a finished job's final status, POSTed to the URL its Queue* call gave.
 
-- The body is what GetArtifactGenerationStatus / GetTextGenerationStatus answers for the job.
+- The body is what GetArtifactGenerationStatus / GetTextGenerationStatus answers for the job
+  (GetOpenAiChatStatus for a chat).
 - It is written to the store's outbox (the deliveries table) in the same transaction that
   finishes the job, so a router restart loses no delivery; a sender task drains the outbox.
 - Every attempt is signed the Standard Webhooks way (webhook-id, webhook-timestamp,
@@ -39,6 +40,7 @@ from aiohttp.resolver import DefaultResolver
 from gpugate.settings import Router as RouterSettings
 
 from .api.responses import status_of, status_text
+from .chat import CAPABILITY as CHAT, chat_status_body
 from .store import Delivery, Job, Store
 from .urls import Links, UrlSigner
 
@@ -156,10 +158,13 @@ class CallbackSender:
             return None
         now = time.time()
         links = Links(job.base_url or self.base_url, self.signer, now)
-        status = status_of(job, links, status_text(job), None, self._field_names(job.api))
+        if job.capability == CHAT:
+            body = chat_status_body(job, status_text(job))
+        else:
+            body = status_of(job, links, status_text(job), None, self._field_names(job.api)).body()
         self._wake.set()
         return Delivery(id=0, job_id=job.id, key_id=job.key_id, url=job.reply_to, webhook_id=f"msg_{secrets.token_hex(12)}",
-                        body=json.dumps(status.body(), separators=(",", ":")), created=now, next_at=now)
+                        body=json.dumps(body, separators=(",", ":")), created=now, next_at=now)
 
     async def run(self) -> None:
         """Start an attempt for each delivery as it falls due, each on its own (a slow or dead

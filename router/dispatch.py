@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -79,11 +78,11 @@ class Dispatcher:
             session = self.sessions.sessions[choice.name]
             if not self.queue.claim(job, session.name, session.id):
                 continue  # finished meanwhile (cancelled, say)
-            session.slots -= 1
+            session.offered(job.capability)
             running[session.id] += 1
             self._turn += 1
             self._last_served[job.key_id] = self._turn
-            views[choice.name] = dataclasses.replace(choice, slots=max(choice.slots - 1, 0), running=choice.running + 1)
+            views[choice.name] = choice.took(job.capability)
             decided.clear()  # that agent has one slot less now
             offers.append((session, JobOffer(job_id=job.id, attempt=job.attempt, capability=job.capability,
                                              params=job.params, inputs=job.inputs)))

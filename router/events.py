@@ -1,6 +1,7 @@
 """Who is watching which live job: sync calls waiting for the result, and event streams.
 
-A watcher gets each Progress of the job, then the finished Job. When the router shuts down every
+A watcher gets each Progress of the job (and each Delta, the text a chat streams), then the
+finished Job. When the router shuts down every
 watcher gets ``CLOSING`` instead, so a sync call answers with the job's reference (the job itself
 lives on in the store) rather than being cut off.
 """
@@ -12,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Final
 
-from gpugate.wire import Progress
+from gpugate.wire import Delta, Progress
 
 from .store import Job
 
@@ -23,7 +24,7 @@ class _Closing:
 
 
 CLOSING: Final = _Closing()
-JobEvent = Progress | Job | _Closing
+JobEvent = Progress | Delta | Job | _Closing
 
 
 class JobEvents:
@@ -46,7 +47,7 @@ class JobEvents:
             if not watchers:
                 self._watchers.pop(job_id, None)
 
-    def notify(self, job_id: int, event: Progress | Job) -> None:
+    def notify(self, job_id: int, event: Progress | Delta | Job) -> None:
         for events in self._watchers.get(job_id, ()):
             events.put_nowait(event)
 

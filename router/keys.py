@@ -20,7 +20,8 @@ from .store import Key, Store
 
 PREFIX = "gg_"
 # about the key's own jobs, so open to every key
-ALWAYS_ALLOWED = {"GetArtifactGenerationStatus", "GetTextGenerationStatus", "GetJobEvents", "CancelJob", "QueryJobs"}
+ALWAYS_ALLOWED = {"GetArtifactGenerationStatus", "GetTextGenerationStatus", "GetJobEvents", "CancelJob", "QueryJobs",
+                  "GetOpenAiChatStatus", "GetOpenAiChat", "WaitForOpenAiChat"}
 
 
 @dataclass(frozen=True)

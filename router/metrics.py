@@ -2,7 +2,8 @@
 of format do not need a client library).
 
 Counted as jobs finish: jobs by API and final state, and how long they took from queued to
-finished (a histogram per API). Read at scrape time: queue depth per API, live jobs by state,
+finished (a histogram per API); for chats, tokens in and out, seconds spent generating (tokens
+per second = rate of tokens out / rate of those seconds) and the time to the first token. Read at scrape time: queue depth per API, live jobs by state,
 agents online, VRAM per GPU, callback outcomes.
 """
 
@@ -26,9 +27,24 @@ class Metrics:
         self.finished: Counter[tuple[str, str]] = Counter()  # (api, state) -> jobs
         self.durations: dict[str, list[float]] = {}  # api -> [count per bucket..., sum]
         self.recent: deque[float] = deque()  # finish times within the throughput window
+        self.chat: Counter[str] = Counter()  # tokens_in, tokens_out, generation_s, first_token_s, answers
+
+    def _chat_finished(self, job: Job) -> None:
+        details = (job.results or {}).get("details") or {}
+        usage = details.get("usage") or {}
+        out = usage.get("completion_tokens", 0)
+        self.chat["tokens_in"] += usage.get("prompt_tokens", 0)
+        self.chat["tokens_out"] += out
+        if details.get("tokensPerSecond"):
+            self.chat["generation_s"] += out / details["tokensPerSecond"]
+        if details.get("timeToFirstTokenMs") is not None:
+            self.chat["first_token_s"] += details["timeToFirstTokenMs"] / 1000
+            self.chat["answers"] += 1
 
     def job_finished(self, job: Job) -> None:
         self.finished[(job.api, job.state)] += 1
+        if job.capability == "chat" and job.state == JobState.COMPLETED:
+            self._chat_finished(job)
         took = max(0.0, (job.finished or time.time()) - job.created)
         row = self.durations.setdefault(job.api, [0.0] * (len(BUCKETS) + 1))
         for i, bound in enumerate(BUCKETS):
@@ -76,6 +92,15 @@ class Metrics:
                 out.append(f"gpugate_job_duration_seconds_bucket{_labels({'api': api, 'le': _number(bound)})} {_number(count)}")
             out.append(f"gpugate_job_duration_seconds_sum{_labels({'api': api})} {_number(row[-1])}")
             out.append(f"gpugate_job_duration_seconds_count{_labels({'api': api})} {_number(row[len(BUCKETS) - 1])}")
+        family("gpugate_chat_tokens_total", "counter", "Chat tokens since the router started: in (prompts), out (answers).",
+               [({"direction": "in"}, self.chat["tokens_in"]), ({"direction": "out"}, self.chat["tokens_out"])])
+        family("gpugate_chat_generation_seconds_total", "counter",
+               "Seconds agents spent generating chat answers (tokens out per second: divide the rates).",
+               [({}, round(self.chat["generation_s"], 3))])
+        out.extend(["# HELP gpugate_chat_first_token_seconds Time from a chat reaching its model to its first token.",
+                    "# TYPE gpugate_chat_first_token_seconds summary",
+                    f"gpugate_chat_first_token_seconds_sum {_number(round(self.chat['first_token_s'], 3))}",
+                    f"gpugate_chat_first_token_seconds_count {_number(self.chat['answers'])}"])
         remote, now = sessions.remote(), time.time()
         family("gpugate_agents_online", "gauge", "Agents connected now.", [({}, len(remote))])
         family("gpugate_agent_healthy", "gauge",

@@ -83,6 +83,11 @@ class ModelBook:
             return f"{message}; did you mean {', '.join(repr(c) for c in close)}?"
         return f"{message}; known: {', '.join(ids[:20]) or 'none'}"
 
+    def context_of(self, kind: str, file: str) -> int | None:
+        """The smallest context (tokens) a connected agent serves this LLM with, if any says."""
+        contexts = [m.context for m in self.reported(kind).get(file, []) if m.context]
+        return min(contexts) if contexts else None
+
     def family_of(self, kind: str, file: str) -> str | None:
         """The catalog's word for a file's family, else what an agent detected in it."""
         entry = self.catalog.by_file(kind, file)

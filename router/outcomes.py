@@ -16,7 +16,7 @@ import logging
 import time
 
 from gpugate.errors import FailureKind
-from gpugate.wire import Done, Failed, Failure, HeldJob, Progress, StopJob
+from gpugate.wire import Delta, Done, Failed, Failure, HeldJob, Progress, StopJob
 
 from .queue import JobQueue
 from .retention import Retention
@@ -34,9 +34,14 @@ class Outcomes:
 
     # ---- answers from the session holding the lease ---------------------------------------------
 
-    def progress(self, session: AgentSession, message: Progress) -> None:
+    def progress(self, session: AgentSession, message: Progress | Delta) -> None:
+        """A running job's progress, or the text it streamed: to its watchers, if the sender holds it."""
         job = self.queue.held(session.id, message.job_id, message.attempt)
-        if job is not None:
+        if job is None:
+            return
+        if isinstance(message, Delta):
+            self.queue.events.notify(job.id, message)
+        else:
             self.queue.set_progress(job, message)
 
     async def done(self, session: AgentSession, message: Done) -> None:

@@ -11,7 +11,7 @@ running jobs. When none fits, the answer says why, in words a client can read.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gpugate.wire import Capability
 
@@ -31,6 +31,17 @@ class AgentView:
     running: int = 0
     slots: int = 0  # jobs it asked for and has not been sent
     paused: str | None = None  # why it takes no jobs for now, if it does not
+    pools: Mapping[str, int] = field(default_factory=dict)  # free slots of capabilities that have their own
+
+    def free(self, capability: str) -> int:
+        """Free slots for a job of ``capability``: its own slots if it has them, else the agent's."""
+        return self.pools.get(capability, 0) if self.capabilities[capability].slots else self.slots
+
+    def took(self, capability: str) -> AgentView:
+        """This view once a job of ``capability`` was handed out."""
+        if self.capabilities[capability].slots:
+            return replace(self, pools={**self.pools, capability: max(self.free(capability) - 1, 0)}, running=self.running + 1)
+        return replace(self, slots=max(self.slots - 1, 0), running=self.running + 1)
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ def choose(job: JobNeeds, agents: Iterable[AgentView]) -> AgentView | Unplaceabl
         most = max(a.free_vram for a in able)
         need = max(min(needs.values()), job.min_free_vram + 1)
         return Unplaceable(f"needs about {need / GB:.1f} GB VRAM, the most free is {most / GB:.1f} GB")
-    ready = [a for a in fits if a.slots > 0 and a.paused is None]
+    ready = [a for a in fits if a.free(job.capability) > 0 and a.paused is None]
     if not ready:
         if all(a.paused for a in fits):
             return Unplaceable(f"waiting: agent {fits[0].name} is paused ({fits[0].paused})", busy=True)

@@ -58,6 +58,7 @@ class AgentSession:
     concurrency: int
     loaded: set[str] = field(default_factory=set)
     slots: int = 0  # jobs it asked for (pulls add, offers take)
+    pools: dict[str, int] = field(default_factory=dict)  # the same, per capability that has slots of its own
     draining: bool = False  # it is shutting down: offered nothing more
     connected: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
@@ -75,8 +76,22 @@ class AgentSession:
             self.capabilities = {c.name: c for c in beat.capabilities}
 
     def view(self, running: int, paused: str | None) -> AgentView:
-        return AgentView(self.name, self.capabilities, {(m.kind, m.name): m.size for m in self.models},
-                         self.free_vram, frozenset(self.loaded), running, 0 if self.draining else self.slots, paused)
+        return AgentView(self.name, self.capabilities, {(m.kind, m.name): m.vram or m.size for m in self.models},
+                         self.free_vram, frozenset(self.loaded), running, 0 if self.draining else self.slots, paused,
+                         {} if self.draining else dict(self.pools))
+
+    def pulled(self, slots: int, capability: str | None) -> None:
+        if capability is None:
+            self.slots += slots
+        else:
+            self.pools[capability] = self.pools.get(capability, 0) + slots
+
+    def offered(self, capability: str) -> None:
+        """A job of ``capability`` was sent: one slot less (its own, if it has slots of its own)."""
+        if capability in self.pools:
+            self.pools[capability] -= 1
+        else:
+            self.slots -= 1
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.comfy.engine import ComfyEngine
-from agent.comfy.process import ComfyProcess
+from agent.supervised import SupervisedServer
 from gpugate.errors import EngineUnavailable, WorkerLost
 from tests.conftest import image_of
 from tests.model_fixtures import CHECKPOINT
@@ -36,7 +36,7 @@ async def test_killing_comfyui_mid_prompt_reports_it_died_and_the_next_prompt_su
 
 
 async def test_a_comfyui_that_cannot_start_is_reported_with_its_output(tmp_path: Path) -> None:
-    broken = ComfyProcess([sys.executable, "-c", "print('missing torch, say'); raise SystemExit(3)"],
+    broken = SupervisedServer([sys.executable, "-c", "print('missing torch, say'); raise SystemExit(3)"],
                           url="http://127.0.0.1:9", cwd=tmp_path)
     with pytest.raises(EngineUnavailable, match=r"exited with code 3; last output:\nmissing torch, say"):
         await broken.start()

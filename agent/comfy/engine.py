@@ -27,7 +27,7 @@ from gpugate.settings import Settings
 from . import launch
 from .client import ComfyClient, ProgressCallback
 from .inventory import Model, list_models
-from .process import ComfyProcess
+from ..supervised import SupervisedServer
 from .protocol import OutputRef, combo_values
 from .workflows import ImageInput, ParamType, Workflow, WorkflowLibrary, render, validate
 
@@ -61,7 +61,7 @@ class ComfyEngine:
         self.settings = settings
         self.library = library or WorkflowLibrary(settings.workflows.dirs)
         self.library.object_info = lambda: self._object_info  # converts UI-format templates
-        self.process: ComfyProcess | None = None
+        self.process: SupervisedServer | None = None
         self.client: ComfyClient | None = None
         self._object_info: dict[str, Any] = {}
         self._folders_seen: tuple[tuple[str, int], ...] = ()
@@ -90,7 +90,7 @@ class ComfyEngine:
         else:
             spec = launch.prepare(self.settings, use_cuda=self._use_cuda())
             gpu = self.settings.agent.gpu  # a per-GPU worker's ComfyUI sees only its GPU (as cuda:0)
-            self.process = ComfyProcess(
+            self.process = SupervisedServer(
                 spec.command, url=spec.url, cwd=spec.cwd, env={"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else None,
                 startup_timeout_s=comfy.startup_timeout_s, backoff_s=comfy.restart_backoff_s,
                 backoff_max_s=comfy.restart_backoff_max_s, liveness_timeout_s=comfy.liveness_timeout_s,

@@ -52,9 +52,10 @@ class RunResult:
 
 @dataclass(frozen=True)
 class JobProgress:
-    step: int | None
-    total: int | None
-    node: str | None
+    step: int | None = None
+    total: int | None = None
+    node: str | None = None
+    text: str | None = None  # streamed output (a chat's next tokens), sent on at once
 
 
 class Runner(Protocol):

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from gpugate.filestore import extension_for
 from gpugate.wire import (
-    WIRE_VERSION, Ack, Done, Failed, Heartbeat, Hello, JobOffer, Leaving, Progress, Pull, Refused, StopJob, Welcome,
+    WIRE_VERSION, Ack, Delta, Done, Failed, Heartbeat, Hello, JobOffer, Leaving, Progress, Pull, Refused, StopJob, Welcome,
     agent_message, version_of,
 )
 
@@ -81,12 +81,12 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
                 continue
             session.last_seen = time.monotonic()
             if isinstance(message, Pull):
-                session.slots += message.slots
+                session.pulled(message.slots, message.capability)
                 dispatcher.wake()
             elif isinstance(message, Heartbeat):
                 request.app[SESSIONS].heard(session, message)
                 dispatcher.wake()
-            elif isinstance(message, Progress):
+            elif isinstance(message, Progress | Delta):
                 outcomes.progress(session, message)
             elif isinstance(message, Done | Failed):
                 if isinstance(message, Done):

@@ -33,7 +33,7 @@ def routes() -> list[web.RouteDef]:
     return out
 
 
-def _ids_served(models: ModelBook, kind: str) -> list[str]:
+def ids_served(models: ModelBook, kind: str) -> list[str]:
     """The ids of ``kind`` some connected agent can serve now: catalog names and aliases of files an
     agent has, then files agents have that the catalog does not name."""
     reported = models.reported(kind)
@@ -44,7 +44,7 @@ def _ids_served(models: ModelBook, kind: str) -> list[str]:
 
 async def active_media_models(request: web.Request) -> web.Response:
     models = request.app[MODELS]
-    return web.json_response({"results": [i for kind in MEDIA_KINDS for i in _ids_served(models, kind)]})
+    return web.json_response({"results": [i for kind in MEDIA_KINDS for i in ids_served(models, kind)]})
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,21 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.errors = status, code, message, errors or []
 
-    def response(self) -> web.Response:
+    def response(self, openai: bool = False) -> web.Response:
+        """The answer in AI Server's shape, or in OpenAI's (``{"error": {message, type, param, code}}``)."""
+        if openai:
+            param = self.errors[0].field if self.errors else None
+            return web.json_response({"error": {"message": self.message, "type": openai_type(self.status),
+                                                "param": param, "code": self.errors[0].code if self.errors else self.code}},
+                                     status=self.status)
         return web.json_response({"responseStatus": response_status(self.code, self.message, self.errors)},
                                  status=self.status)
+
+
+def openai_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
 
 
 def response_status(code: str, message: str, errors: list[FieldError] = ()) -> dict[str, Any]:  # type: ignore[assignment]
@@ -60,14 +72,15 @@ def failure_status(error: dict[str, Any], field_names: dict[str, str]) -> tuple[
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    openai = request.path.startswith("/v1/")  # OpenAI's clients read OpenAI's error shape
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        return exc.response(openai)
     except web.HTTPException as exc:  # aiohttp's own (404 for unknown paths, 405, 413 ...)
         if exc.status < 400:
             raise
-        return ApiError(exc.status, exc.reason.replace(" ", ""), exc.reason).response()
+        return ApiError(exc.status, exc.reason.replace(" ", ""), exc.reason).response(openai)
     except Exception:
         log.exception("request failed", extra={"path": request.path})
-        return ApiError(500, "InternalServerError", "the router failed to handle this request").response()
+        return ApiError(500, "InternalServerError", "the router failed to handle this request").response(openai)

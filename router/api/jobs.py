@@ -16,6 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field, ValidationError
 
 from gpugate.errors import FieldError
+from gpugate.wire import Delta
 
 from ..state import FINDER, KEY, OUTCOMES, QUEUE
 from ..events import CLOSING
@@ -40,10 +41,14 @@ def routes() -> list[web.RouteDef]:
     return out
 
 
-async def _find_job(request: web.Request) -> Job:
-    """The caller's job named by jobId or refId; 400 without either, 404 if not theirs or unknown."""
+async def find_job(request: web.Request, aliases: dict[str, str] | None = None) -> Job:
+    """The caller's job named by jobId or refId (or an API's own name for them: ``aliases``, as
+    AI Server's ``id``); 400 without either, 404 if not theirs or unknown."""
     key: Key = request[KEY]
     fields = {k.lower(): v for k, v in (await read_fields(request)).items()}
+    for alias, name in (aliases or {}).items():
+        if fields.get(alias.lower()) not in (None, "") and fields.get(name.lower()) in (None, ""):
+            fields[name.lower()] = fields[alias.lower()]
     finder = request.app[FINDER]
     if fields.get("jobid") not in (None, ""):
         try:
@@ -70,12 +75,12 @@ def _status(request: web.Request, job: Job) -> StatusResponse:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(_status(request, await _find_job(request)).body())
+    return web.json_response(_status(request, await find_job(request)).body())
 
 
 async def cancel_job(request: web.Request) -> web.Response:
     """Cancel a queued job (dropped) or a running one (stopped on its agent); both end Cancelled."""
-    job = await _find_job(request)
+    job = await find_job(request)
     if not await request.app[OUTCOMES].cancel(job, f"cancelled by key {request[KEY].id}"):
         raise ApiError(409, "InvalidState", f"job {job.id} has already ended: {job.state}")
     return web.json_response(_status(request, job).body())
@@ -84,7 +89,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def job_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events for one job: its status now, on each progress, and when it ends (then the
     stream closes). Each event's data is the status body; the last one's event name is ``result``."""
-    job = await _find_job(request)
+    job = await find_job(request)
     queue, finder = request.app[QUEUE], request.app[FINDER]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
@@ -104,6 +109,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 job = event
             elif event is CLOSING:  # the router is stopping: the client reconnects to the next one
                 return response
+            elif isinstance(event, Delta):  # a chat's tokens: its status says nothing new
+                continue
             else:
                 await _event(response, "progress", _status(request, job))
         await _event(response, "result", _status(request, job))

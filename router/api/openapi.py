@@ -9,11 +9,12 @@ import functools
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from gpugate import __version__
 
+from ..chat import ChatRequest
 from . import responses as r
 from .admin import NewKeyRequest, RevokeKeyRequest
 from .files import DeleteFileRequest, DeleteFilesRequest, DeleteFilesResponse
@@ -71,7 +72,7 @@ def _param_schema(param: Any) -> dict[str, Any]:
 def document(echo: bool = False) -> dict[str, Any]:
     apis = {**APIS, **({"Echo": Echo} if echo else {})}
     inputs: list[type[BaseModel]] = [*apis.values(), r.JobLookup, JobFilter, NewKeyRequest, RevokeKeyRequest,
-                                     DeleteFileRequest, DeleteFilesRequest]
+                                     DeleteFileRequest, DeleteFilesRequest, ChatRequest, QueuedChat]
     outputs: list[type[BaseModel]] = [r.GenerationResponse, r.QueueResponse, r.StatusResponse, r.ErrorResponse,
                                       r.JobsResponse, r.Dashboard, r.KeysResponse, r.NewKeyResponse, r.KeyInfo,
                                       DeleteFilesResponse]
@@ -143,6 +144,7 @@ def document(echo: bool = False) -> dict[str, Any]:
                                                    params=[_query(q, {"type": "string"}) for q in
                                                            {"QueryMediaModels": ("id", "skip", "take"),
                                                             "GetComfyWorkflowInfo": ("workflow",)}.get(name, ())])}
+    _chat_paths(paths, lookup_params, lookup)
     paths["/metrics"] = {"get": _operation("GetMetrics", "admin", "Prometheus metrics (admin)", None, None,
                                            "Prometheus text format", content={"text/plain": {"schema": {"type": "string"}}})}
     paths["/health"] = {"get": {"operationId": "Health", "tags": ["admin"], "summary": "Liveness", "security": [],
@@ -156,6 +158,41 @@ def document(echo: bool = False) -> dict[str, Any]:
                            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
                                                           "description": "Authorization: Bearer <api key>"}}},
             "security": [{"apiKey": []}]}
+
+
+class QueuedChat(BaseModel):
+    """QueueOpenAiChatCompletion's body: the OpenAI request, and the job's refId, tag and replyTo."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    request: ChatRequest
+    ref_id: str | None = Field(None, alias="refId")
+    tag: str | None = None
+    reply_to: str | None = Field(None, alias="replyTo")
+
+
+def _chat_paths(paths: dict[str, Any], lookup_params: list[dict[str, Any]], lookup: dict[str, Any]) -> None:
+    """Chat: OpenAI's two endpoints and AI Server's chat APIs (router/api/chat.py)."""
+    completion = {"type": "object", "description": "OpenAI's chat.completion object"}
+    chat_body = _json_body(ChatRequest)
+    paths["/v1/chat/completions"] = {"post": _operation(
+        "CreateChatCompletion", "chat", "OpenAI's chat completion (stream: true answers server-sent chunks)",
+        chat_body, completion, "OpenAI's chat.completion, or with stream: text/event-stream of chat.completion.chunk")}
+    paths["/v1/models"] = {"get": _operation("ListModels", "chat", "OpenAI's model list: the chat models served now",
+                                             None, {"type": "object"}, "OpenAI's list of models")}
+    paths["/api/OpenAiChatCompletion"] = {"post": _operation(
+        "OpenAiChatCompletion", "chat", "A chat (the OpenAI request, plus refId and tag); OpenAI's answer", chat_body,
+        {"anyOf": [completion, _ref(r.QueueResponse)]}, "The answer; or, past the sync timeout, the job's reference")}
+    paths["/api/QueueOpenAiChatCompletion"] = {"post": _operation(
+        "QueueOpenAiChatCompletion", "chat", "Queue a chat; poll GetOpenAiChatStatus or pass replyTo",
+        _json_body(QueuedChat), {"type": "object"}, "The job's reference: id, refId, statusUrl")}
+    status = {"type": "object", "description": "jobId, refId, jobState, status, result (OpenAI's chat.completion)"}
+    for name, summary in (("GetOpenAiChatStatus", "A chat's state and, once completed, its answer"),
+                          ("GetOpenAiChat", "A chat job and its answer"),
+                          ("WaitForOpenAiChat", "A chat's answer, waiting up to the sync timeout")):
+        paths[f"/api/{name}"] = _get_and_post(name, "chat", summary, [*lookup_params, _query("id", {"type": "integer"})],
+                                              lookup, status)
+    paths["/api/ActiveAiModels"] = {"get": _operation("ActiveAiModels", "chat", "The chat models served now", None,
+                                                      {"type": "object"}, "results: model ids")}
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:

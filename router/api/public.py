@@ -18,7 +18,7 @@ from ..state import ARTIFACTS, DISPATCHER, FINDER, KEY, MODELS, QUEUE, RETENTION
 from ..store import DuplicateRefId, Job, JobState, Key
 from ..urls import Links
 from .errors import ApiError, invalid
-from .requests import APIS, ApiRequest, Echo, Limits, Upload, parse, read_fields
+from .requests import APIS, ApiRequest, Echo, JobSpec, Limits, Tracked, Upload, parse, read_fields
 from .responses import ErrorResponse, GenerationResponse, QueueResponse, failure_of, results_of, status_kind
 
 
@@ -63,11 +63,18 @@ async def answer_when_done(request: web.Request, job: Job, model: type[ApiReques
 
 
 async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequest, key: Key, intake: Intake) -> Job:
-    app = request.app
     try:
-        spec = parsed.job(app[MODELS])
+        spec = parsed.job(request.app[MODELS])
     except InvalidRequest as exc:
         raise invalid(exc.errors) from None
+    return await enqueue(request, model.__name__, spec, parsed, intake)
+
+
+async def enqueue(request: web.Request, api: str, spec: JobSpec, parsed: ApiRequest | Tracked,
+                  intake: Intake | None = None) -> Job:
+    """Queue the job ``spec`` describes for the calling key (its uploads kept from ``intake``);
+    a refId the key already used answers with the job it made."""
+    app, key = request.app, request[KEY]
     if len(json.dumps(spec.params)) > PARAMS_MAX:  # a job travels to its agent in one websocket message
         raise ApiError(413, "RequestEntityTooLarge", f"the job's parameters are larger than {PARAMS_MAX // 2**20} MB")
     if parsed.reply_to and (problem := await reply_to_problem(parsed.reply_to,
@@ -75,16 +82,18 @@ async def _submit(request: web.Request, model: type[ApiRequest], parsed: ApiRequ
         raise invalid([FieldError("replyTo", problem)])
     inputs = {}
     for name, file in spec.files.items():
+        assert intake is not None
         received, ext = (file.file, file.info.extension) if isinstance(file, Upload) else (file, "")
         inputs[name] = await intake.keep(received, ext)
-    job = Job(id=0, api=model.__name__, capability=spec.capability, params=spec.params, inputs=inputs,
+    job = Job(id=0, api=api, capability=spec.capability, params=spec.params, inputs=inputs,
               model=spec.model, megapixels=spec.megapixels, max_attempts=app[SETTINGS].router.max_attempts, notes=spec.notes,
               key_id=key.id, ref_id=parsed.ref_id, tag=parsed.tag, reply_to=parsed.reply_to,
               base_url=base_url(request) if parsed.reply_to else None)
     try:
         return app[QUEUE].submit(job)
     except DuplicateRefId:  # a retried request: the job it already made is the answer, with its own files
-        await app[ARTIFACTS].remove(inputs.values())
+        if intake is not None:
+            await app[ARTIFACTS].remove(inputs.values())
         existing = await app[FINDER].get_by_ref(key.id, parsed.ref_id or "")
         if existing is None or existing.api != job.api:
             raise invalid([FieldError("refId", "is already used by another request")]) from None

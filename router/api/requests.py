@@ -89,16 +89,22 @@ class JobSpec:
     notes: list[str] = field(default_factory=list)  # what the router decided for the client (the job's details)
 
 
-class ApiRequest(BaseModel):
+class Tracked(BaseModel):
+    """What every request may carry besides its own fields: the client's id for it, a tag, and a
+    URL to call when the job ends (Queue* calls)."""
+
     model_config = ConfigDict(alias_generator=AliasGenerator(validation_alias=to_camel), extra="ignore",
                               arbitrary_types_allowed=True, populate_by_name=True)
-    results: ClassVar[str] = "artifacts"  # or "text"
-    # workflow parameter -> API field, to name fields in errors that come back from agents
-    field_names: ClassVar[dict[str, str]] = {}
 
     ref_id: str | None = None
     tag: str | None = None
     reply_to: str | None = None
+
+
+class ApiRequest(Tracked):
+    results: ClassVar[str] = "artifacts"  # or "text"
+    # workflow parameter -> API field, to name fields in errors that come back from agents
+    field_names: ClassVar[dict[str, str]] = {}
 
     def job(self, models: ModelBook) -> JobSpec:
         """What the request asks for; InvalidRequest naming the field when it cannot be done."""

@@ -160,8 +160,9 @@ def results_of(job: Job, links: Links) -> list[GenerationResult]:
     files = [GenerationResult(url=links.file(a["name"]), file_name=a["name"], provider=job.agent)
              for a in job.results.get("artifacts", [])]
     texts = [GenerationResult(text=t) for t in job.results.get("texts", [])]
-    if texts and job.results.get("details"):
-        texts[0] = GenerationResult.model_validate({"text": texts[0].text, **job.results["details"]})
+    if texts and job.results.get("details"):  # speech's language and segments (a chat's answer has its own shape)
+        details = {k: v for k, v in job.results["details"].items() if k in GenerationResult.model_fields}
+        texts[0] = GenerationResult.model_validate({"text": texts[0].text, **details})
     return files + texts
 
 

@@ -1,11 +1,14 @@
-"""Supervise ComfyUI as a child process: start, wait for readiness, restart on death, stop.
+"""Supervise a local HTTP server as a child process (ComfyUI, llama.cpp's llama-server): start,
+wait for readiness, restart on death, stop.
 
-Readiness is ComfyUI answering ``/system_stats`` while its PID is still alive: no fixed sleeps.
-Liveness is the same question asked every ``liveness_every_s`` while it runs: a ComfyUI that has
-not answered for ``liveness_timeout_s`` (wedged, or stopped) is killed. A ComfyUI that dies after
-it was up, or is killed so, is restarted with exponential backoff and the ``on_exit`` callback is
-told first, so the jobs it was running fail at once as "ComfyUI died" instead of hanging. A ComfyUI that cannot come up at all is an :class:`EngineUnavailable` with its last log
-lines. Its output goes line by line to the ``comfyui`` logger.
+Readiness is the server answering its health path (ComfyUI's ``/system_stats``, llama-server's
+``/health``) with 200 while its PID is still alive: no fixed sleeps. Liveness is the same question
+asked every ``liveness_every_s`` while it runs: a server that has not answered for
+``liveness_timeout_s`` (wedged, or stopped) is killed. One that dies after it was up, or is killed
+so, is restarted with exponential backoff and the ``on_exit`` callback is told first, so the jobs
+it was running fail at once as "it died" instead of hanging. One that cannot come up at all is an
+:class:`EngineUnavailable` with its last log lines. Its output goes line by line to the logger
+named ``logger`` (``comfyui``, ``llama-server``). It gets SIGTERM when its parent dies.
 """
 
 from __future__ import annotations
@@ -26,15 +29,14 @@ from gpugate.children import die_with_parent
 from gpugate.errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
-comfy_log = logging.getLogger("comfyui")
 
 READY_POLL_S = 0.1
 STABLE_AFTER_S = 60.0  # a run this long resets the restart backoff
 STOP_GRACE_S = 10.0
 
 
-class ComfyProcess:
-    """One supervised ComfyUI. Use ``async with`` or ``start()`` / ``stop()``."""
+class SupervisedServer:
+    """One supervised server. Use ``async with`` or ``start()`` / ``stop()``."""
 
     def __init__(
         self,
@@ -49,8 +51,13 @@ class ComfyProcess:
         liveness_timeout_s: float = 60.0,
         liveness_every_s: float = 10.0,
         on_exit: Callable[[int], None] = lambda returncode: None,
+        label: str = "ComfyUI",
+        health_path: str = "/system_stats",
+        logger: str = "comfyui",
     ) -> None:
         self.command = list(command)
+        self.label, self._health_path = label, health_path
+        self._child_log = logging.getLogger(logger)
         self.url = url
         self._cwd = cwd
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -76,7 +83,7 @@ class ComfyProcess:
     def is_ready(self) -> bool:
         return self._ready.is_set()
 
-    async def __aenter__(self) -> ComfyProcess:
+    async def __aenter__(self) -> SupervisedServer:
         await self.start()
         return self
 
@@ -84,10 +91,10 @@ class ComfyProcess:
         await self.stop()
 
     async def start(self) -> None:
-        """Launch ComfyUI and return once it answers; raise EngineUnavailable if it cannot."""
+        """Launch the server and return once it answers; raise EngineUnavailable if it cannot."""
         async with aiohttp.ClientSession() as http:
             await self._launch_until_ready(http)
-        self._supervisor = asyncio.create_task(self._supervise(), name="comfyui-supervisor")
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"{self.label}-supervisor")
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait while a restart is under way; EngineUnavailable if it takes longer than ``timeout``."""
@@ -96,7 +103,7 @@ class ComfyProcess:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
-            raise EngineUnavailable(f"ComfyUI is not ready after {timeout:.0f}s") from None
+            raise EngineUnavailable(f"{self.label} is not ready after {timeout:.0f}s") from None
 
     async def stop(self) -> None:
         """Stop supervising and end the process: SIGTERM, then SIGKILL after a grace period."""
@@ -117,7 +124,7 @@ class ComfyProcess:
                 returncode = await self._exit_or_hang(http)
                 self._ready.clear()  # before anything else: no new job may go to the dead one
                 if not self._stopping:
-                    log.warning("ComfyUI exited", extra={"returncode": returncode, "pid": self._proc.pid})
+                    log.warning(f"{self.label} exited", extra={"returncode": returncode, "pid": self._proc.pid})
                     self._on_exit(returncode)
                 await self._drain_log()
                 if self._stopping:
@@ -132,7 +139,7 @@ class ComfyProcess:
                         self.restarts += 1
                         break
                     except EngineUnavailable as exc:
-                        log.error("ComfyUI restart failed", extra={"error": str(exc), "retry_in_s": delay})
+                        log.error(f"{self.label} restart failed", extra={"error": str(exc), "retry_in_s": delay})
 
     async def _exit_or_hang(self, http: aiohttp.ClientSession) -> int:
         """Wait for the process to exit; if it stops answering for ``liveness_timeout_s``, kill it first."""
@@ -151,7 +158,7 @@ class ComfyProcess:
                 if probe.result():
                     last_ok = now
                 elif now - last_ok >= self._liveness_timeout_s:
-                    log.error("ComfyUI stopped answering; killing it", extra={"pid": proc.pid, "silent_s": round(now - last_ok)})
+                    log.error(f"{self.label} stopped answering; killing it", extra={"pid": proc.pid, "silent_s": round(now - last_ok)})
                     self._ready.clear()
                     proc.kill()
                     return await exited
@@ -161,7 +168,7 @@ class ComfyProcess:
 
     async def _answers(self, http: aiohttp.ClientSession, timeout: float) -> bool:
         try:
-            async with http.get(f"{self.url}/system_stats", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            async with http.get(f"{self.url}{self._health_path}", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
@@ -178,10 +185,10 @@ class ComfyProcess:
             preexec_fn=die_with_parent,
         )
         self._proc = proc
-        log.info("ComfyUI starting", extra={"pid": proc.pid, "url": self.url})
-        self._pump = asyncio.create_task(self._pump_log(proc), name=f"comfyui-log-{proc.pid}")
-        exited = asyncio.create_task(proc.wait(), name=f"comfyui-wait-{proc.pid}")
-        answering = asyncio.create_task(self._poll_until_answering(http), name=f"comfyui-ready-{proc.pid}")
+        log.info(f"{self.label} starting", extra={"pid": proc.pid, "url": self.url})
+        self._pump = asyncio.create_task(self._pump_log(proc), name=f"{self.label}-log-{proc.pid}")
+        exited = asyncio.create_task(proc.wait(), name=f"{self.label}-wait-{proc.pid}")
+        answering = asyncio.create_task(self._poll_until_answering(http), name=f"{self.label}-ready-{proc.pid}")
         try:
             done, _ = await asyncio.wait(
                 {exited, answering}, timeout=self._startup_timeout_s, return_when=asyncio.FIRST_COMPLETED
@@ -191,13 +198,13 @@ class ComfyProcess:
             exited.cancel()
         if answering in done:
             self._ready.set()
-            log.info("ComfyUI ready", extra={"pid": proc.pid, "url": self.url})
+            log.info(f"{self.label} ready", extra={"pid": proc.pid, "url": self.url})
             return
         if exited not in done:
             await self._terminate()
         await self._drain_log()
         why = f"exited with code {proc.returncode}" if exited in done else f"not answering after {self._startup_timeout_s:.0f}s"
-        raise EngineUnavailable(f"ComfyUI {why}; last output:\n" + "\n".join(self._tail))
+        raise EngineUnavailable(f"{self.label} {why}; last output:\n" + "\n".join(self._tail))
 
     async def _poll_until_answering(self, http: aiohttp.ClientSession) -> None:
         while not await self._answers(http, 2.0):
@@ -209,7 +216,7 @@ class ComfyProcess:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 self._tail.append(line)
-                comfy_log.info(line, extra={"pid": proc.pid})
+                self._child_log.info(line, extra={"pid": proc.pid})
 
     async def _drain_log(self) -> None:
         """The log pump ends at the process's EOF; wait for it so no line is lost."""
@@ -226,6 +233,6 @@ class ComfyProcess:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-            log.info("ComfyUI stopped", extra={"pid": proc.pid})
+            log.info(f"{self.label} stopped", extra={"pid": proc.pid})
         await self._drain_log()
 
