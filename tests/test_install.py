@@ -26,7 +26,11 @@ def test_the_dockerfile_passes_hadolint_and_installs_with_install_sh() -> None:
     assert linted.returncode == 0, linted.stdout + linted.stderr
     lines = [line.strip() for line in (PROJECT_ROOT / "Dockerfile.cuda").read_text().splitlines()]
     instructions = [line for line in lines if line and not line.startswith("#")]
-    assert instructions[0].startswith("FROM nvidia/cuda:") and "runtime" in instructions[0]
+    stages = [i for i in instructions if i.startswith("FROM ")]
+    assert stages[-1].startswith("FROM nvidia/cuda:") and "runtime" in stages[-1], "the image runs on the runtime base"
+    assert "devel" in stages[0] and "RUN python3 -m agent.chat.build --cuda --portable /opt/llama.cpp/llama-server" in \
+        instructions, "llama-server is built with CUDA in a devel stage, by gpugate's own build step"
+    assert "ENV GPUGATE_CHAT__SERVER=/opt/llama.cpp/llama-server" in instructions
     assert "RUN ./install.sh --no-service" in instructions, "the image is built by install.sh's steps"
     user = next(i for i in instructions if i.startswith("USER "))
     assert user.split()[1].split(":")[0] not in ("0", "root")

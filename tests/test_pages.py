@@ -36,7 +36,8 @@ def router_settings(tmp_path_factory: pytest.TempPathFactory, fixture_models: Pa
 @pytest.fixture(scope="module")
 async def agent(router: Router, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Agents]:
     agents = Agents(tmp_path_factory.mktemp("agents"), router.url)
-    agents.start("gpu-1", 7.9, ["tiny.safetensors"])
+    agents.start("gpu-1", 7.9, ["tiny.safetensors"], GPUGATE_AGENT__RUNNERS='["comfy", "chat"]',
+                 GPUGATE_CHAT__CONTEXT="1024")
     try:
         await router.wait_for_agents("gpu-1")
         yield agents
@@ -139,6 +140,22 @@ def _workflow_playground(driver: Any, url: str, key: str) -> None:
     driver.save_screenshot(str(ARTIFACTS / "playground-workflow.png"))
 
 
+def _chat(driver: Any, url: str, key: str) -> str:
+    """The chat page: pick a served model, send a message, watch the answer stream in."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _log_in(driver, url, key, "chat")
+    Select(_wait(driver, "#chat-model", check=lambda e: "smollm2-135m" in e.text)).select_by_value("smollm2-135m")
+    driver.find_element(By.ID, "chat-input").send_keys("What is the capital of France?")
+    driver.find_element(By.ID, "chat-send").click()
+    _wait(driver, "#chat-send", timeout=120, check=lambda e: e.is_enabled())  # the stream ended
+    answer = _wait(driver, "#chat-log .message.assistant p", check=lambda e: e.text.strip()).text
+    assert not _wait(driver, "#chat-error").text, "no error shown"
+    driver.save_screenshot(str(ARTIFACTS / "chat.png"))
+    return answer
+
+
 def _keys(driver: Any, url: str, key: str) -> str:
     from selenium.webdriver.common.by import By
 
@@ -183,6 +200,14 @@ async def test_the_playground_runs_txt2img_and_shows_the_image(router: Router, a
 async def test_the_playground_runs_a_workflow_an_agent_serves(router: Router, agent: Agents, admin: Any,
                                                                browser: Any) -> None:
     await asyncio.to_thread(_workflow_playground, browser, router.url, admin.token)
+
+
+async def test_the_chat_page_streams_an_answer_from_a_served_model(router: Router, agent: Agents, admin: Any,
+                                                                   browser: Any) -> None:
+    answer = await asyncio.to_thread(_chat, browser, router.url, admin.token)
+    assert "paris" in answer.lower()
+    [job] = (await call(router, admin.token, "QueryJobs", {"limit": 1}))["jobs"]
+    assert job["api"] == "OpenAiChatCompletion" and job["jobState"] == "Completed" and job["agent"] == "gpu-1"
 
 
 async def test_the_keys_page_makes_and_revokes_a_key(router: Router, admin: Any, browser: Any) -> None:

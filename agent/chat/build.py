@@ -9,6 +9,10 @@ The build (CMake, a few minutes to twenty on two cores) is kept in ``paths.cache
 key of the version, CUDA or not, and the CPU's features, so a reinstall, a fresh checkout or a CI
 run on the same kind of machine copies it instead of compiling again. With CUDA (an NVIDIA driver
 and ``nvcc``), every layer can be offloaded to the GPU; without, it runs on the CPU.
+
+Dockerfile.cuda builds it in a CUDA devel stage with only the standard library and this module
+(``python3 -m agent.chat.build --cuda --portable OUT``), for the common GPU generations and any
+x86-64 CPU, and points ``chat.server`` at it; provisioning then uses that binary as it is.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gpugate.errors import ProvisionError
-from gpugate.settings import Settings
+from gpugate.errors import ProvisionError  # the standard library only: the image's build stage runs this module
+
+if TYPE_CHECKING:
+    from gpugate.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +44,9 @@ CMAKE_OPTIONS = (
     "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",  # it never downloads anything
     "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",  # no web page: the router has its own
-    "-DGGML_NATIVE=ON",  # built on the machine that runs it (the cache key has its CPU's features)
 )
+NATIVE = ("-DGGML_NATIVE=ON",)  # built on the machine that runs it (the cache key has its CPU's features)
+PORTABLE = ("-DGGML_NATIVE=OFF", "-DCMAKE_CUDA_ARCHITECTURES=75;80;86;89;90")  # an image: Turing to Hopper
 
 
 def server_binary(settings: Settings) -> Path:
@@ -62,7 +70,12 @@ def cache_key(cuda: bool) -> str:
 
 
 def provision(settings: Settings, *, cuda: bool | None = None) -> Path:
-    """llama-server in place (vendor/llama.cpp/), from the cache or built now; its path."""
+    """llama-server in place (vendor/llama.cpp/), from the cache or built now; its path. One given
+    as ``chat.server`` (the image's) is used as it is."""
+    if settings.chat.server is not None:
+        if not settings.chat.server.exists():
+            raise ProvisionError(f"chat.server is {settings.chat.server}, which does not exist")
+        return settings.chat.server
     cuda = wants_cuda() if cuda is None else cuda
     key = cache_key(cuda)
     target = settings.paths.vendor_dir / "llama.cpp" / "llama-server"
@@ -80,7 +93,7 @@ def provision(settings: Settings, *, cuda: bool | None = None) -> Path:
     return target
 
 
-def _build(cache_dir: Path, out: Path, cuda: bool) -> None:
+def _build(cache_dir: Path, out: Path, cuda: bool, portable: bool = False) -> None:
     log.info("building llama-server (once per machine; minutes)", extra={"version": LLAMA_CPP_PYTHON, "cuda": cuda})
     with tempfile.TemporaryDirectory(prefix="gpugate-llama-") as tmp:
         sdist = _sdist(cache_dir, Path(tmp))
@@ -92,7 +105,7 @@ def _build(cache_dir: Path, out: Path, cuda: bool) -> None:
                 member.name = member.name.removeprefix(prefix)
             archive.extractall(source, members=members, filter="data")
         build = Path(tmp) / "build"
-        options = [*CMAKE_OPTIONS, f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
+        options = [*CMAKE_OPTIONS, *(PORTABLE if portable else NATIVE), f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
         jobs = str(os.cpu_count() or 2)
         _run(["cmake", "-S", str(source), "-B", str(build), *options])
         _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs])
@@ -133,3 +146,20 @@ def _run(command: list[str]) -> None:
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
         raise ProvisionError(f"{' '.join(command[:3])} failed ({done.returncode}):\n{tail}")
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="build llama-server from the pinned llama.cpp")
+    parser.add_argument("out", type=Path, help="where to put the binary")
+    parser.add_argument("--cuda", action="store_true", help="with CUDA (needs nvcc; no GPU needed to build)")
+    parser.add_argument("--portable", action="store_true", help="for other machines (an image), not only this one")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gpugate-llama-cache-") as cache:
+        _build(Path(cache), args.out, args.cuda, args.portable)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

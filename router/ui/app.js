@@ -37,6 +37,11 @@ async function api(path, options = {}) {
 async function events(path, onEvent, signal) {
   const response = await fetch(path, { headers: auth(), signal });
   if (!response.ok) throw new Error((await response.json()).responseStatus?.message || response.statusText);
+  return readEvents(response, onEvent);
+}
+
+// Each event of a server-sent event stream: onEvent(name, data); data "[DONE]" (OpenAI's last) is passed as is.
+async function readEvents(response, onEvent) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -52,7 +57,7 @@ async function events(path, onEvent, signal) {
         if (line.startsWith("event: ")) name = line.slice(7);
         else if (line.startsWith("data: ")) data += line.slice(6);
       }
-      if (data) onEvent(name, JSON.parse(data));
+      if (data) onEvent(name, data === "[DONE]" ? data : JSON.parse(data));
     }
   }
 }
@@ -68,7 +73,7 @@ function openStream(path, onEvent) {
 
 // ---- pages -------------------------------------------------------------------------------------
 
-const pages = { dashboard: showDashboard, playground: showPlayground, keys: showKeys, api: showExplorer };
+const pages = { dashboard: showDashboard, playground: showPlayground, chat: showChat, keys: showKeys, api: showExplorer };
 
 async function route() {
   const page = (location.hash || "#dashboard").slice(1);
@@ -144,6 +149,61 @@ function agentCard(agent) {
     el("div", { class: "muted", text: `loaded: ${agent.loaded.join(", ") || "nothing"}` }),
     el("div", { class: "muted", text: `running: ${agent.running.map((id) => `#${id}`).join(", ") || "idle"}` }),
     el("div", { class: "muted", text: `${agent.models} models · ${agent.capabilities.join(", ")}` }));
+}
+
+// ---- chat: OpenAI's /v1/chat/completions, streamed ----------------------------------------------------
+
+let conversation = [];
+let chatting = null; // the AbortController of the answer being streamed
+
+async function showChat() {
+  const { data } = await api("/v1/models");
+  const select = $("#chat-model");
+  const chosen = select.value;
+  select.replaceChildren(...data.map((m) => el("option", { value: m.id, text: m.id, selected: m.id === chosen })));
+  if (!data.length) $("#chat-error").textContent = "No chat model is served now: start an agent with the chat runner.";
+  renderChat();
+}
+
+function renderChat() {
+  $("#chat-log").replaceChildren(...conversation.map((m) => el("div", { class: `message ${m.role}` },
+    el("strong", { text: m.role === "user" ? "You" : "Assistant" }), el("p", { text: m.content }))));
+}
+
+async function sendChat(event) {
+  event.preventDefault();
+  const input = $("#chat-input");
+  const system = $("#chat-system").value.trim();
+  conversation.push({ role: "user", content: input.value });
+  input.value = "";
+  const answer = { role: "assistant", content: "" };
+  conversation.push(answer);
+  renderChat();
+  const shown = $("#chat-log").lastElementChild.querySelector("p");
+  $("#chat-error").textContent = "";
+  $("#chat-stop").hidden = false;
+  $("#chat-send").disabled = true;
+  chatting = new AbortController();
+  const messages = [...(system ? [{ role: "system", content: system }] : []), ...conversation.slice(0, -1)];
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", signal: chatting.signal, headers: { ...auth(), "Content-Type": "application/json" },
+      body: JSON.stringify({ model: $("#chat-model").value, messages, stream: true }),
+    });
+    if (!response.ok) throw new Error((await response.json()).error?.message || response.statusText);
+    await readEvents(response, (name, data) => {
+      if (data === "[DONE]") return;
+      if (data.error) throw new Error(data.error.message);
+      answer.content += data.choices[0]?.delta?.content || "";
+      shown.textContent = answer.content;
+    });
+  } catch (error) {
+    if (!chatting.signal.aborted) $("#chat-error").textContent = error.message;
+  } finally {
+    $("#chat-stop").hidden = true;
+    $("#chat-send").disabled = false;
+    chatting = null;
+  }
 }
 
 // ---- playground ----------------------------------------------------------------------------------
@@ -353,6 +413,9 @@ $("#login-form").addEventListener("submit", (event) => {
 });
 $("#logout").addEventListener("click", () => forgetKey());
 $("#playground-form").addEventListener("submit", runPlayground);
+$("#chat-form").addEventListener("submit", sendChat);
+$("#chat-stop").addEventListener("click", () => chatting?.abort());  // leaving the stream cancels the chat
+$("#chat-clear").addEventListener("click", () => { chatting?.abort(); conversation = []; renderChat(); });
 $("#key-form").addEventListener("submit", createKey);
 window.addEventListener("hashchange", route);
 route();
