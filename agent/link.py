@@ -78,6 +78,7 @@ class Work:
     answer: RunResult | Failure | None = None
     stored: list[Artifact] | None = None  # its outputs, once put in the router's store
     stop_reason: StopReason | None = None
+    streamed: int = 0  # characters of text streamed so far (each Delta's offset)
 
     @property
     def held(self) -> HeldJob:
@@ -381,11 +382,11 @@ class RouterLink:
         runner = self._route(offer.capability)
 
         def progress(p: JobProgress) -> None:
-            if self._session is None:
-                return
-            if p.text is not None:
-                self._session.send(Delta(job_id=offer.job_id, attempt=offer.attempt, text=p.text))
-            else:
+            if p.text is not None:  # counted even while disconnected: the router sees the gap
+                offset, work.streamed = work.streamed, work.streamed + len(p.text)
+                if self._session is not None:
+                    self._session.send(Delta(job_id=offer.job_id, attempt=offer.attempt, offset=offset, text=p.text))
+            elif self._session is not None:
                 self._session.send(Progress(job_id=offer.job_id, attempt=offer.attempt, step=p.step, total=p.total,
                                             node=p.node))
 

@@ -149,11 +149,14 @@ class Progress(_Message):
 
 
 class Delta(_Message):
-    """Text a running job produced (a chat's next tokens), sent as soon as the agent has it."""
+    """Text a running job produced (a chat's next tokens), sent as soon as the agent has it;
+    ``offset`` is where it starts in this attempt's text (deltas lost while the agent reconnects
+    leave a gap the router can see)."""
 
     type: Literal["delta"] = "delta"
     job_id: int
     attempt: int
+    offset: int
     text: str
 
 

@@ -75,13 +75,13 @@ class ChatRequest(_Open):
     max_completion_tokens: Annotated[int | None, Field(ge=1, le=2**20)] = None
     temperature: Annotated[float | None, Field(ge=0, le=2)] = None
     top_p: Annotated[float | None, Field(ge=0, le=1)] = None
-    seed: Annotated[int | None, Field(ge=0, le=SEED_MAX)] = None
+    seed: Annotated[int | None, Field(ge=-(2**63), lt=2**63)] = None  # OpenAI's int64; llama.cpp's 32 bits
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     response_format: ResponseFormat | None = None
     frequency_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
     presence_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    logprobs: bool | None = None
+    logprobs: bool | None = None  # not supported yet: true is refused
     top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     n: Annotated[int | None, Field(ge=1, le=1)] = None  # one choice per request
     stream: bool = False
@@ -95,6 +95,13 @@ class ChatRequest(_Open):
         if v:
             raise ValueError("tool calling is not supported yet; send the request without tools")
         return None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("log probabilities are not supported yet; leave logprobs out")
+        return v
 
     @field_validator("messages")
     @classmethod
@@ -115,9 +122,9 @@ class ChatRequest(_Open):
         params: dict[str, Any] = {
             "model": ref.file, "model_id": self.model, "messages": [m.plain() for m in self.messages],
             "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-            "seed": self.seed if self.seed is not None else secrets.randbelow(SEED_MAX),
+            "seed": self.seed % SEED_MAX if self.seed is not None else secrets.randbelow(SEED_MAX),
             "stop": self.stop, "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
-            "logit_bias": self.logit_bias, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+            "logit_bias": self.logit_bias,
             "response_format": self.response_format.model_dump(exclude_none=True) if self.response_format else None,
         }
         return {k: v for k, v in params.items() if v is not None}, ref.file, list(ref.notes)
@@ -156,7 +163,7 @@ def usage_chunk(job: Job, final: dict[str, Any]) -> dict[str, Any]:
 
 def chat_status_body(job: Job, status: str) -> dict[str, Any]:
     """GetOpenAiChatStatus' answer (also the body of a chat job's callback)."""
-    body = {"jobId": job.id, "refId": job.ref_id, "jobState": job.state, "status": status, "result": completion(job),
+    body = {"id": job.id, "jobId": job.id, "refId": job.ref_id, "jobState": job.state, "status": status, "result": completion(job),
             "responseStatus": None}
     if job.state in (JobState.FAILED, JobState.CANCELLED):
         body["responseStatus"] = failure_status(job.error or {}, {})[1]

@@ -67,7 +67,7 @@ class Outcomes:
         if job is None:
             self._stale(session, message.job_id, message.attempt)
             return
-        self.sessions.record(session.name, message.failure.kind, message.failure.message, time.time())
+        self.sessions.record(session.name, message.failure.kind, message.failure.message, time.time(), job.started)
         self._after(job, message.failure, session.free_vram)
 
     def _stale(self, session: AgentSession, job_id: int, attempt: int) -> None:

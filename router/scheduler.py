@@ -25,7 +25,7 @@ MODEL_OVERHEAD = 1.2  # weights in memory take a little more than the file
 class AgentView:
     name: str
     capabilities: Mapping[str, Capability]
-    models: Mapping[tuple[str, str], int | None]  # (kind, file name) -> bytes
+    models: Mapping[tuple[str, str], int | None]  # (kind, file name) -> bytes it takes loaded (sessions.py)
     free_vram: int  # the most free on any one of its devices
     loaded: frozenset[str] = frozenset()
     running: int = 0
@@ -60,11 +60,18 @@ class Unplaceable:
     missing: bool = False  # no connected agent runs it or has its model at all (not merely memory now)
 
 
-def vram_needed(job: JobNeeds, capability: Capability, model_size: int | None) -> int:
-    """Bytes a job needs: the model's weights plus what its output size takes (overridable per workflow)."""
+def model_memory(size: int | None, reported: int | None = None) -> int | None:
+    """Bytes a model takes loaded: what its agent reported (an LLM: weights and KV cache), else its
+    file's size and a little more."""
+    return reported or (int(size * MODEL_OVERHEAD) if size else None)
+
+
+def vram_needed(job: JobNeeds, capability: Capability, model_bytes: int | None) -> int:
+    """Bytes a job needs: its model in memory (``model_memory``; None when already loaded) plus
+    what its output size takes (overridable per workflow)."""
     base = DEFAULT_VRAM_BASE if capability.vram_base is None else capability.vram_base
     per_mp = DEFAULT_VRAM_PER_MEGAPIXEL if capability.vram_per_megapixel is None else capability.vram_per_megapixel
-    return int((model_size or 0) * MODEL_OVERHEAD + base + per_mp * job.megapixels)
+    return int((model_bytes or 0) + base + per_mp * job.megapixels)
 
 
 def choose(job: JobNeeds, agents: Iterable[AgentView]) -> AgentView | Unplaceable:
@@ -97,5 +104,8 @@ def _kind(agent: AgentView, job: JobNeeds) -> str:
 
 
 def _need(job: JobNeeds, agent: AgentView) -> int:
-    size = agent.models.get((_kind(agent, job), job.model)) if job.model else None
-    return vram_needed(job, agent.capabilities[job.capability], size)
+    """What the job needs on this agent; a model it has loaded is in memory already (its free VRAM
+    is what is left beside it)."""
+    loaded = job.model is None or job.model in agent.loaded
+    return vram_needed(job, agent.capabilities[job.capability],
+                       None if loaded else agent.models.get((_kind(agent, job), job.model)))

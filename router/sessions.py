@@ -22,6 +22,7 @@ drain the queue. The record is kept by name, so a reconnect does not clear it.
 from __future__ import annotations
 
 import re
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -31,7 +32,7 @@ from gpugate.errors import FailureKind
 from gpugate.wire import Ack, Capability, Device, Heartbeat, Hello, JobOffer, Model, StopJob
 
 from .retry import AGENT_FAULTS
-from .scheduler import AgentView
+from .scheduler import AgentView, model_memory
 
 LOCAL_WORKER = "router"  # the router's own worker (router/local.py) joins under this name
 RESERVED_NAMES = frozenset({LOCAL_WORKER})
@@ -76,7 +77,7 @@ class AgentSession:
             self.capabilities = {c.name: c for c in beat.capabilities}
 
     def view(self, running: int, paused: str | None) -> AgentView:
-        return AgentView(self.name, self.capabilities, {(m.kind, m.name): m.vram or m.size for m in self.models},
+        return AgentView(self.name, self.capabilities, {(m.kind, m.name): model_memory(m.size, m.vram) for m in self.models},
                          self.free_vram, frozenset(self.loaded), running, 0 if self.draining else self.slots, paused,
                          {} if self.draining else dict(self.pools))
 
@@ -101,6 +102,7 @@ class AgentHealth:
     failures_in_row: int = 0
     paused_until: float = 0.0
     last_failure: str | None = None
+    last_counted: float = -math.inf  # when the last failure that counted came
 
     def paused(self, now: float) -> str | None:
         """Why the agent takes no jobs now, or None."""
@@ -178,17 +180,23 @@ class SessionRegistry:
     def silent_since(self, deadline: float) -> list[AgentSession]:
         return [s for s in self.sessions.values() if s.last_seen < deadline]
 
-    def record(self, name: str, kind: FailureKind | None, message: str, now: float) -> None:
+    def record(self, name: str, kind: FailureKind | None, message: str, now: float,
+               started: float | None = None) -> None:
         """Count an attempt's end against the agent: a success clears its record, an infrastructure
-        failure adds to it, and the limit in a row pauses it (longer each time it trips again)."""
+        failure adds to it, and the limit in a row pauses it (longer each time it trips again).
+        Jobs that were running together when the agent last failed one (``started`` before it: a
+        crash under several parallel chats) are that same fault, not more."""
         health = self.health.setdefault(name, AgentHealth())
         if kind is None:
             health.failures_in_row = 0
             return
         if kind not in AGENT_FAULTS:
             return
-        health.failures_in_row += 1
         health.last_failure = message[:200]
+        if started is not None and started < health.last_counted:  # lost with the fault already counted
+            return
+        health.last_counted = now
+        health.failures_in_row += 1
         if health.failures_in_row >= self._failure_limit:
             trips = health.failures_in_row - self._failure_limit
             health.paused_until = now + min(self._pause_s * 2 ** trips, 3600.0)

@@ -23,7 +23,7 @@ from agent.chat.build import server_binary
 from agent.chat.models import packaged
 from agent.comfy.launch import free_port
 from gpugate.settings import Settings, load_settings
-from router.api.chat import _Text
+from router.api.chat import SentText
 from router.keys import create_key
 from router.state import SESSIONS, STORE
 from tests.services import Agents, Router, call, router_settings_in
@@ -51,8 +51,9 @@ def key(router: Router) -> str:
 @pytest.fixture(scope="module")
 async def agents(router: Router, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Agents]:
     agents = Agents(tmp_path_factory.mktemp("agents"), router.url)
+    # room for one loaded model (about 400 MB each at 2 slots of 1024 tokens), not two
     agents.start("talker", 4.0, [], GPUGATE_AGENT__RUNNERS='["chat"]', GPUGATE_CHAT__PARALLEL="2",
-                 GPUGATE_CHAT__CONTEXT=str(CONTEXT), GPUGATE_CHAT__THREADS="2")
+                 GPUGATE_CHAT__CONTEXT=str(CONTEXT), GPUGATE_CHAT__THREADS="2", GPUGATE_CHAT__MEMORY_BUDGET_MB="600")
     try:
         await router.wait_for_agents("talker", timeout=120)
         yield agents
@@ -264,10 +265,13 @@ async def test_bad_input_is_a_400_naming_the_field(client: openai.AsyncOpenAI, r
     assert too_many["param"] == "max_tokens" and str(CONTEXT) in too_many["message"]
     too_long = await refused(messages=[{"role": "user", "content": "word " * (2 * CONTEXT)}])
     assert too_long["param"] == "messages" and f"context is {CONTEXT} tokens" in too_long["message"]
+    streamed = await refused(stream=True, messages=[{"role": "user", "content": "word " * (2 * CONTEXT)}])
+    assert streamed["param"] == "messages", "refused before any text: an HTTP 400 for a stream too"
+    assert (await refused(logprobs=True))["param"] == "logprobs"
     assert (await refused(temperature=3))["param"] == "temperature"
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{router.url}/v1/chat/completions", json={"model": MODEL}) as r:
-            assert r.status == 401 and (await r.json())["error"]["type"] == "authentication_error"
+            assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
     refused_queue = await call(router, key, "QueueOpenAiChatCompletion", {"request": {"model": MODEL}}, status=400)
     assert refused_queue["responseStatus"]["errors"][0]["fieldName"] == "request.messages"
 
@@ -303,11 +307,53 @@ async def test_forward_mode_serves_the_models_of_a_running_server(
         log.close()
 
 
+async def test_the_least_recently_used_model_is_unloaded_to_make_room(
+        client: openai.AsyncOpenAI, agents: Agents, router: Router) -> None:
+    [gguf] = packaged().values()
+    folder = agents.root / "talker" / "models" / "llm"
+    folder.mkdir(exist_ok=True)
+    (folder / "second.gguf").symlink_to(gguf)  # another model file (the same weights: it only needs to load)
+    session = router.app[SESSIONS].sessions["talker"]
+    deadline = time.monotonic() + 30
+    while not any(m.name == "second.gguf" for m in session.models):  # listed at the next heartbeat
+        assert time.monotonic() < deadline, "the new model file was never listed"
+        await asyncio.sleep(0.2)
+    await client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    first = {p.pid for p in llama_servers(agents)}
+    answer = await client.chat.completions.create(model="second.gguf", max_tokens=2,
+                                                  messages=[{"role": "user", "content": "Hi"}])
+    assert answer.model == "second.gguf"
+    [now] = llama_servers(agents)
+    assert now.pid not in first and "second.gguf" in " ".join(now.cmdline()), "the older model was stopped"
+    deadline = time.monotonic() + 30
+    while session.loaded != {"second.gguf"}:
+        assert time.monotonic() < deadline, f"the agent reports {session.loaded} loaded"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_key_may_chat_only_if_it_may_call_openaichatcompletion(router: Router, agents: Agents) -> None:
+    images_only = create_key(router.app[STORE], "images only", apis=("TextToImage",)).token
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {images_only}"}) as http:
+        async with http.post(f"{router.url}/v1/chat/completions",
+                             json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}) as r:
+            assert r.status == 403
+            assert (await r.json())["error"] == {"message": "this key may not call OpenAiChatCompletion",
+                                                 "type": "invalid_request_error", "param": None, "code": "Forbidden"}
+
+
 def test_a_retried_stream_sends_only_what_the_client_lacks() -> None:
-    text = _Text()
-    assert text.add(1, "Hello") == "Hello" and text.add(1, " wor") == " wor"
-    assert text.add(2, "Hel") == "" and text.add(2, "lo wor") == "" and text.add(2, "ld") == "ld"
+    text = SentText()
+    assert text.add(1, 0, "Hello") == "Hello" and text.add(1, 5, " wor") == " wor"
+    assert text.add(2, 0, "Hel") == "" and text.add(2, 3, "lo wor") == "" and text.add(2, 9, "ld") == "ld"
     assert text.rest("Hello world!") == "!"
-    diverged = _Text()
-    diverged.add(1, "abc")
-    assert diverged.add(2, "xyz") == "" and diverged.add(2, "w") == "" and diverged.rest("xyzw") == ""
+    diverged = SentText()
+    diverged.add(1, 0, "abc")
+    assert diverged.add(2, 0, "xyz") == "" and diverged.add(2, 3, "w") == "" and diverged.rest("xyzw") is None
+
+
+def test_a_gap_in_the_streamed_text_is_filled_from_the_final_answer() -> None:
+    text = SentText()
+    assert text.add(1, 0, "One, ") == "One, "
+    assert text.add(1, 10, "three") == "", "the deltas at 5..10 were lost (the agent was reconnecting)"
+    assert text.add(1, 15, ", four") == ""
+    assert text.rest("One, two, three, four") == "two, three, four"

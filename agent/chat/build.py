@@ -11,8 +11,8 @@ run on the same kind of machine copies it instead of compiling again. With CUDA 
 and ``nvcc``), every layer can be offloaded to the GPU; without, it runs on the CPU.
 
 Dockerfile.cuda builds it in a CUDA devel stage with only the standard library and this module
-(``python3 -m agent.chat.build --cuda --portable OUT``), for the common GPU generations and any
-x86-64 CPU, and points ``chat.server`` at it; provisioning then uses that binary as it is.
+(``python3 -m agent.chat.build --cuda --portable OUT``), for NVIDIA GPUs from Turing to Hopper and
+x86-64 CPUs with AVX2, and points ``chat.server`` at it; provisioning then uses that binary as it is.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ CMAKE_OPTIONS = (
     "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",  # no web page: the router has its own
 )
 NATIVE = ("-DGGML_NATIVE=ON",)  # built on the machine that runs it (the cache key has its CPU's features)
-PORTABLE = ("-DGGML_NATIVE=OFF", "-DCMAKE_CUDA_ARCHITECTURES=75;80;86;89;90")  # an image: Turing to Hopper
+# an image: x86-64 CPUs with AVX2 (2013 on), NVIDIA GPUs from Turing to Hopper
+PORTABLE = ("-DGGML_NATIVE=OFF", "-DCMAKE_CUDA_ARCHITECTURES=75;80;86;89;90")
 
 
 def server_binary(settings: Settings) -> Path:
@@ -59,14 +60,20 @@ def wants_cuda() -> bool:
 
 
 def cache_key(cuda: bool) -> str:
+    """What a native build depends on: the version, the CPU's features and, with CUDA, the GPUs'
+    compute capabilities (a cache shared between machines never hands one the other's build)."""
     flags = ""
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as info:
         for line in info:
             if line.startswith("flags"):
                 flags = line
                 break
-    cpu = hashlib.sha256(flags.encode()).hexdigest()[:12]
-    return f"{LLAMA_CPP_PYTHON}-{'cuda' if cuda else 'cpu'}-{os.uname().machine}-{cpu}"
+    if cuda:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+        flags += "cuda " + ",".join(sorted(set(done.stdout.split())))
+    machine = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"{LLAMA_CPP_PYTHON}-{'cuda' if cuda else 'cpu'}-{os.uname().machine}-{machine}"
 
 
 def provision(settings: Settings, *, cuda: bool | None = None) -> Path:
@@ -121,9 +128,11 @@ def _build(cache_dir: Path, out: Path, cuda: bool, portable: bool = False) -> No
 def _sdist(cache_dir: Path, tmp: Path) -> Path:
     """llama-cpp-python's source archive from PyPI (kept in the cache), checked by SHA-256."""
     kept = cache_dir / "llama.cpp" / SDIST
-    if not kept.exists():
+    if not kept.exists():  # pip checks the hash before it runs anything of the package
+        pinned = tmp / "requirements.txt"
+        pinned.write_text(f"llama-cpp-python=={LLAMA_CPP_PYTHON} --hash=sha256:{SDIST_SHA256}\n")
         _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-              f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(tmp)])
+              "--require-hashes", "-r", str(pinned), "-d", str(tmp)])
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(tmp / SDIST, kept)
     digest = hashlib.sha256()

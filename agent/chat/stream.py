@@ -2,9 +2,11 @@
 mode), streamed: each piece of text is handed on as it arrives, the answer comes back whole.
 
 Its failures are classified here: a prompt longer than the model's context or another refused
-request is the caller's (InvalidRequest, naming the field), the server's own errors are execution
-errors, and a connection that breaks (the server died under the chat) is left to the link, which
-calls it a lost worker (the router runs the job again).
+request is the caller's (InvalidRequest, naming the field); a server that is down, overloaded or
+ends the stream early lost the chat (WorkerLost: the router runs it again); a server that refuses
+this agent (its key, a model it no longer has) is this machine's fault (InfrastructureFault); the
+server's own errors are execution errors. A connection that breaks (the server died under the
+chat) is left to the link, which also calls it a lost worker.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from gpugate.errors import ExecutionError, FieldError, InvalidRequest
+from gpugate.errors import ExecutionError, FieldError, InfrastructureFault, InvalidRequest, JobFailed, WorkerLost
 
 
 @dataclass
@@ -45,6 +47,7 @@ async def stream_chat(http: aiohttp.ClientSession, url: str, body: dict[str, Any
     sent = time.monotonic()
     first: float | None = None
     request = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    done = False
     async with http.post(url, json=request, headers=headers) as response:
         if response.status != 200:
             raise _refused(response.status, await response.text())
@@ -54,10 +57,11 @@ async def stream_chat(http: aiohttp.ClientSession, url: str, body: dict[str, Any
                 continue
             data = line.removeprefix("data:").strip()
             if data == "[DONE]":
+                done = True
                 break
             chunk = json.loads(data)
             if "error" in chunk:
-                raise _refused(400, json.dumps(chunk))
+                raise _refused(None, data)
             if chunk.get("usage"):
                 answer.usage = {k: int(v) for k, v in chunk["usage"].items() if isinstance(v, int)}
             for choice in chunk.get("choices") or ():
@@ -70,23 +74,32 @@ async def stream_chat(http: aiohttp.ClientSession, url: str, body: dict[str, Any
                     on_text(text)
                 if choice.get("finish_reason"):
                     answer.finish_reason = choice["finish_reason"]
+    if not done and answer.finish_reason is None:
+        raise WorkerLost("the chat server ended the stream before the answer did")
     if first is not None:
         answer.generation_s = time.monotonic() - first
     return answer
 
 
-def _refused(status: int, text: str) -> Exception:
-    """The server's error answer as one of ours."""
+def _refused(status: int | None, text: str) -> JobFailed:
+    """The server's error answer (``status`` None: an error event inside the stream) as one of ours."""
     try:
         error = json.loads(text).get("error") or {}
     except (ValueError, AttributeError):
         error = {}
-    message = error.get("message") if isinstance(error, dict) else None
-    message = message or text[:500] or f"HTTP {status}"
-    if isinstance(error, dict) and error.get("type") == "exceed_context_size_error":
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    message = error.get("message") or text[:500] or f"HTTP {status}"
+    kind = error.get("type")
+    if kind == "exceed_context_size_error":
         prompt, limit = error.get("n_prompt_tokens"), error.get("n_ctx")
         return InvalidRequest(FieldError("messages", f"the conversation is {prompt} tokens; this model's context is "
                                                      f"{limit} tokens (prompt and answer together)", "too_long"))
-    if 400 <= status < 500:
+    if status in (401, 403):
+        return InfrastructureFault(f"the chat server refused this agent (HTTP {status}): check chat.openai_key")
+    if status == 404:
+        return InfrastructureFault(f"the chat server does not have this model (any more): {message}")
+    if status in (408, 429, 502, 503, 504):
+        return WorkerLost(f"the chat server could not take the chat now (HTTP {status}): {message}")
+    if (status is not None and 400 <= status < 500) or kind == "invalid_request_error":
         return InvalidRequest(FieldError("request", message))
     return ExecutionError(f"the chat server failed: {message}")

@@ -37,7 +37,7 @@ KIND = "llm"
 LIST_TIMEOUT = aiohttp.ClientTimeout(total=10)
 # what the router passes on from the request (router/chat.py checks each)
 SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "response_format", "frequency_penalty",
-            "presence_penalty", "logit_bias", "logprobs", "top_logprobs")
+            "presence_penalty", "logit_bias")
 
 
 class ChatRunner:
@@ -45,13 +45,16 @@ class ChatRunner:
         self.settings = settings.chat
         self.files = ModelFiles(settings.paths.models_dir / "llm")
         gpus = list_gpus()
+        pin = settings.agent.gpu  # a per-GPU worker's own GPU
+        mine = [g for g in gpus if pin is None or g.index == pin]
         self.forward = self.settings.openai_url.rstrip("/") if self.settings.openai_url else None
         self._forwarded: list[str] = []  # what the forward server listed last
         budget = self.settings.memory_budget_mb
         if budget is None:
-            budget = (gpus[0].vram_total if gpus else psutil.virtual_memory().total // 2) / 2**20
+            budget = (mine[0].vram_total if mine else psutil.virtual_memory().total // 2) / 2**20
+        self.budget = int(budget * 2**20)
         binary = server_binary(settings)
-        self.servers = LlamaServers(self.settings, binary, int(budget * 2**20), gpu=bool(gpus))
+        self.servers = LlamaServers(self.settings, binary, self.budget, gpu=bool(mine), pin=pin if mine else None)
         self.available = self.forward is not None or binary.exists()
         if not self.available:
             log.warning("chat is off: llama-server is missing (run `gpugate llm provision`, or set chat.server "
@@ -77,6 +80,10 @@ class ChatRunner:
             except Exception as exc:  # a broken or foreign file must not hide the others
                 log.warning("not a usable GGUF model", extra={"model": name, "error": f"{type(exc).__name__}: {exc}"})
                 continue
+            if memory > self.budget:  # never offered: the router sends it to an agent that can hold it
+                log.warning("chat model larger than this agent's budget (chat.memory_budget_mb); not offered",
+                            extra={"model": name, "memory_mb": memory // 2**20, "budget_mb": self.budget // 2**20})
+                continue
             out.append(Model(kind=KIND, name=name, size=path.stat().st_size, vram=memory, context=context))
         return out
 
@@ -86,7 +93,7 @@ class ChatRunner:
     async def warm(self, model: str) -> bool:
         if not self.available or self.forward is not None:
             return False
-        if model not in self.files.scan():
+        if model not in await asyncio.to_thread(self.files.scan):
             return False
         await self.run("chat", f"warm-{model}", {"model": model, "messages": [{"role": "user", "content": "Hi"}],
                                                  "max_tokens": 1}, lambda p: None)
@@ -109,7 +116,7 @@ class ChatRunner:
                 headers = {"Authorization": f"Bearer {self.settings.openai_key}"} if self.settings.openai_key else None
                 answer = await stream_chat(http, f"{self.forward}/v1/chat/completions", body, on_text, headers)
             else:
-                path = self.files.scan().get(name)
+                path = (await asyncio.to_thread(self.files.scan)).get(name)
                 if path is None:
                     known = ", ".join(sorted(self.files.paths)) or "none"
                     raise InvalidRequest(FieldError("model", f"{name!r} is not installed here; installed: {known}",

@@ -18,7 +18,7 @@ from .errors import ApiError
 from .files import is_signed
 
 OPEN = {"/", "/health", "/openapi.json", "/ui", "/ui/"}
-OPENAI_APIS = {"/v1/chat/completions": "OpenAiChatCompletion", "/v1/models": "ActiveAiModels"}  # the AI Server API each is
+OPENAI_PREFIX = "/v1/"  # OpenAI's paths: a key that may chat (OpenAiChatCompletion) may call them
 
 
 @web.middleware
@@ -39,7 +39,8 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     key = authenticate(request.app[STORE], header)
     if key is None:
         raise ApiError(401, "Unauthorized", "a valid API key is required: Authorization: Bearer <key>")
-    api = request.path.removeprefix("/api/") if request.path.startswith("/api/") else OPENAI_APIS.get(request.path)
+    api = request.path.removeprefix("/api/") if request.path.startswith("/api/") else \
+        "OpenAiChatCompletion" if request.path.startswith(OPENAI_PREFIX) else None
     if api is not None and not may_call(key, api):
         raise ApiError(403, "Forbidden", f"this key may not call {api}")
     request[KEY] = key

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from typing import Any
 
@@ -34,10 +35,12 @@ from .public import base_url, enqueue
 from .requests import JobSpec, Tracked, read_fields
 
 KEEPALIVE_S = 15.0
+DISCONNECT_POLL_S = 1.0  # how often an unstreamed chat's wait looks whether its client is still there
 
 
 def routes() -> list[web.RouteDef]:
     out = [web.post("/v1/chat/completions", openai_completions), web.get("/v1/models", openai_models),
+           web.get("/v1/models/{model}", openai_model),
            web.post(f"/api/{API}", chat_sync), web.post(f"/api/Queue{API}", chat_queue)]
     for name, handler in (("GetOpenAiChatStatus", chat_status), ("GetOpenAiChat", chat_status),
                           ("WaitForOpenAiChat", wait_for_chat), ("ActiveAiModels", active_models)):
@@ -96,6 +99,14 @@ async def openai_models(request: web.Request) -> web.Response:
                                                          for i in ids_served(request.app[MODELS], KIND)]})
 
 
+async def openai_model(request: web.Request) -> web.Response:
+    model = request.match_info["model"]
+    if model not in ids_served(request.app[MODELS], KIND):
+        raise ApiError(404, "model_not_found", f"the model {model!r} is not served now",
+                       [FieldError("model", f"{model!r} is not served now", "model_not_found")])
+    return web.json_response({"id": model, "object": "model", "created": 0, "owned_by": "gpugate"})
+
+
 async def _json(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
@@ -108,21 +119,32 @@ async def _json(request: web.Request) -> dict[str, Any]:
 
 async def _until_finished(request: web.Request, job: Job) -> Job:
     """The job once it ended. A job no connected agent could take is cancelled and answered with
-    the reason at once (an OpenAI client does not come back for it); so is one that runs past
-    ``router.chat_timeout_s``."""
+    the reason at once (an OpenAI client does not come back for it); so is one whose client left,
+    or that runs past ``router.chat_timeout_s``. When the router stops meanwhile the job goes on
+    (503: its client may ask GetOpenAiChatStatus, or again)."""
     app = request.app
+    queue = app[QUEUE]
     if job.state == JobState.QUEUED and (reason := app[DISPATCHER].cannot_place(job, time.time())) is not None:
         await app[OUTCOMES].cancel(job, reason)
         raise ApiError(503, "Unschedulable", reason)
-    finished = await app[QUEUE].wait_finished(job, app[SETTINGS].router.chat_timeout_s)
-    if finished is None:
-        await app[OUTCOMES].cancel(job, "ran past router.chat_timeout_s")
-        raise ApiError(504, "Timeout", f"the chat did not finish within {app[SETTINGS].router.chat_timeout_s:.0f}s")
+    deadline = time.monotonic() + app[SETTINGS].router.chat_timeout_s
+    while (finished := await queue.wait_finished(job, min(DISCONNECT_POLL_S, deadline - time.monotonic()))) is None:
+        if queue.events.closing:
+            raise ApiError(503, "ShuttingDown", f"the router is restarting; chat {job.id} goes on: ask "
+                                                f"GetOpenAiChatStatus?jobId={job.id}")
+        if request.transport is None or request.transport.is_closing():
+            await app[OUTCOMES].cancel(job, "the client left")
+            raise ConnectionResetError("the client left")
+        if time.monotonic() >= deadline:
+            await app[OUTCOMES].cancel(job, "ran past router.chat_timeout_s")
+            raise ApiError(504, "Timeout", f"the chat did not finish within {app[SETTINGS].router.chat_timeout_s:.0f}s")
     return finished
 
 
 async def _stream(request: web.Request, job: Job, include_usage: bool) -> web.StreamResponse:
-    """The answer as server-sent events: OpenAI's chunks as the agent streams, then [DONE]."""
+    """The answer as server-sent events: OpenAI's chunks as the agent streams, then [DONE]. The
+    response starts with the first text (or a keep-alive), so a chat refused before any text (a
+    conversation longer than the context) is still an HTTP error like the unstreamed call's."""
     app = request.app
     queue, finder = app[QUEUE], app[FINDER]
     if job.state == JobState.QUEUED and (reason := app[DISPATCHER].cannot_place(job, time.time())) is not None:
@@ -132,38 +154,52 @@ async def _stream(request: web.Request, job: Job, include_usage: bool) -> web.St
                                            "X-Accel-Buffering": "no"})
 
     async def send(data: dict[str, Any] | str) -> None:
+        if not response.prepared:
+            await response.prepare(request)
+            await send(chunk(job, {"role": "assistant", "content": ""}))
         text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
         await response.write(f"data: {text}\n\n".encode())
 
+    deadline = time.monotonic() + app[SETTINGS].router.chat_timeout_s
     with queue.events.watch(job.id) as events:
-        await response.prepare(request)
         try:
-            await send(chunk(job, {"role": "assistant", "content": ""}))
-            text = _Text()
+            text = SentText()
             job = await finder.get(job.id) or job  # it may have ended before the watch began
             while job.state in (JobState.QUEUED, JobState.STARTED):
+                if time.monotonic() >= deadline:
+                    await app[OUTCOMES].cancel(job, "ran past router.chat_timeout_s")
+                    deadline = math.inf  # its end arrives as an event
                 try:
-                    async with asyncio.timeout(KEEPALIVE_S):
+                    async with asyncio.timeout(min(KEEPALIVE_S, max(deadline - time.monotonic(), 0.01))):
                         event = await events.get()
                 except TimeoutError:
+                    if not response.prepared:
+                        await response.prepare(request)
                     await response.write(b": keep-alive\n\n")
                     continue
                 if isinstance(event, Delta):
-                    if new := text.add(event.attempt, event.text):
+                    if new := text.add(event.attempt, event.offset, event.text):
                         await send(chunk(job, {"content": new}))
                 elif isinstance(event, Job):
                     job = event
                 elif event is CLOSING:
-                    await send({"error": {"message": "the router is restarting; ask again", "type": "server_error",
-                                          "param": None, "code": "shutdown"}})
+                    await send({"error": {"message": f"the router is restarting; chat {job.id} goes on: ask "
+                                                     f"GetOpenAiChatStatus?jobId={job.id}",
+                                          "type": "server_error", "param": None, "code": "shutdown"}})
                     return response
             final = completion(job)
+            if final is None and not response.prepared:  # nothing sent yet: an HTTP error, as without stream
+                raise _failure(job)
             if final is None:
-                status, body = failure_status(job.error or {}, {})
-                await send({"error": {"message": body["message"], "type": openai_type(status), "param": None,
-                                      "code": body["errorCode"]}})
+                error = _failure(job)
+                await send({"error": {"message": error.message, "type": openai_type(error.status),
+                                      "param": error.errors[0].field if error.errors else None, "code": error.code}})
+            elif (rest := text.rest(final["choices"][0]["message"]["content"])) is None:
+                await send({"error": {"message": "the chat's agent failed mid-answer and the answer made again "
+                                                 "differs from what was streamed; ask again", "type": "server_error",
+                                      "param": None, "code": "diverged"}})
             else:
-                if rest := text.rest(final["choices"][0]["message"]["content"]):
+                if rest:
                     await send(chunk(job, {"content": rest}))
                 await send(chunk(job, {}, final["choices"][0]["finish_reason"]))
                 if include_usage:
@@ -177,32 +213,41 @@ async def _stream(request: web.Request, job: Job, include_usage: bool) -> web.St
     return response
 
 
-class _Text:
-    """What the client has been sent, across attempts: a retried attempt's text is sent only past
-    what the client already has (the same seed gives the same text)."""
+class SentText:
+    """What a stream has sent of a chat's text, across attempts: a piece is sent once it extends
+    what the client has. A gap (deltas lost while the agent reconnected) stops the pieces of that
+    attempt: the final text fills in the rest. An attempt run again (its agent died) is sent only
+    past what the client has; if it differs from it (``rest`` is None), the stream says so."""
 
     def __init__(self) -> None:
         self.sent = ""
         self.attempt: int | None = None
-        self.current = ""
-        self.diverged = False  # this attempt wrote something else than the client has
+        self.current = ""  # this attempt's text so far
+        self.broken = False  # this attempt had a gap or differs from what was sent
 
-    def add(self, attempt: int, piece: str) -> str:
+    def add(self, attempt: int, offset: int, piece: str) -> str:
+        """What to send of ``piece`` (which starts at ``offset`` of attempt ``attempt``'s text)."""
         if attempt != self.attempt:
-            self.attempt, self.current, self.diverged = attempt, "", False
-        before = len(self.current)
-        self.current += piece
-        if before < len(self.sent) and not self.sent.startswith(self.current[:len(self.sent)]):
-            self.diverged = True
-        if self.diverged or len(self.current) <= len(self.sent):
+            self.attempt, self.current, self.broken = attempt, "", False
+        if self.broken or offset != len(self.current):
+            self.broken = True
             return ""
-        new = self.current[len(self.sent):]
+        before, sent = len(self.current), len(self.sent)
+        self.current += piece
+        if before < sent:  # catching up with what an earlier attempt sent: it must say the same
+            same = self.sent.startswith(self.current) if len(self.current) <= sent else self.current.startswith(self.sent)
+            if not same:
+                self.broken = True
+                return ""
+        if len(self.current) <= sent:
+            return ""
+        new = self.current[sent:]
         self.sent = self.current
         return new
 
-    def rest(self, final: str) -> str:
-        """What the client still lacks of the final text (nothing if it diverged: it keeps what it has)."""
-        return final[len(self.sent):] if final.startswith(self.sent) else ""
+    def rest(self, final: str) -> str | None:
+        """What the client still lacks of the final text; None if what it has is not its beginning."""
+        return final[len(self.sent):] if final.startswith(self.sent) else None
 
 
 # ---- AI Server --------------------------------------------------------------------------------------

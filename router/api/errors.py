@@ -37,17 +37,16 @@ class ApiError(Exception):
         """The answer in AI Server's shape, or in OpenAI's (``{"error": {message, type, param, code}}``)."""
         if openai:
             param = self.errors[0].field if self.errors else None
+            code = "invalid_api_key" if self.status == 401 else self.errors[0].code if self.errors else self.code
             return web.json_response({"error": {"message": self.message, "type": openai_type(self.status),
-                                                "param": param, "code": self.errors[0].code if self.errors else self.code}},
-                                     status=self.status)
+                                                "param": param, "code": code}}, status=self.status)
         return web.json_response({"responseStatus": response_status(self.code, self.message, self.errors)},
                                  status=self.status)
 
 
 def openai_type(status: int) -> str:
-    """OpenAI's error ``type`` for an HTTP status."""
-    return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+    """OpenAI's error ``type`` for an HTTP status (its clients tell errors apart by the status)."""
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
 def response_status(code: str, message: str, errors: list[FieldError] = ()) -> dict[str, Any]:  # type: ignore[assignment]
