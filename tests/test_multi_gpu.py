@@ -25,7 +25,7 @@ def test_one_worker_per_gpu_with_shared_runners_on_the_first() -> None:
     _, devices = report_devices(settings)
     workers = plan_workers(settings, devices, "hostname")
     assert [(w.agent.name, w.agent.gpu, w.agent.runners) for w in workers] == [
-        ("box-gpu0", 0, ("comfy", "speech", "media")), ("box-gpu1", 1, ("comfy",))]
+        ("box-gpu0", 0, ("comfy", "speech", "media", "chat")), ("box-gpu1", 1, ("comfy", "chat"))]  # chat per GPU too
     assert workers[0].comfy_state_dir != workers[1].comfy_state_dir
     assert [d.name for d in report_devices(workers[1])[1]] == ["big GPU"], "a worker reports only its GPU"
     one = load_settings(environ={"GPUGATE_AGENT__GPUS": TWO_GPUS, "GPUGATE_AGENT__PER_GPU": "false"})
