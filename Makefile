@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python -m bench.router
 	$(BIN)/python -m bench.dispatch
 	$(BIN)/python -m bench.media
+	$(BIN)/python -m bench.chat
 	$(BIN)/python -m bench.chaos
 
 clean:
