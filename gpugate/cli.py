@@ -51,7 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="")
     create.add_argument("--apis", help="comma-separated APIs the key may call (default: all)")
     create.add_argument("--admin", action="store_true", help="may see every key's jobs")
+    limits = keys.add_parser("limits", help="set a key's weight, queued-job cap and jobs a minute")
+    limits.add_argument("id", type=int)
+    for parser in (create, limits):
+        parser.add_argument("--weight", type=int, default=1, help="its jobs a turn when keys take turns (default 1)")
+        parser.add_argument("--max-queued", type=int, help="its jobs that may wait at once (default: no cap)")
+        parser.add_argument("--per-minute", type=int, help="its jobs it may submit a minute (default: no limit)")
     create.set_defaults(func=_keys_create)
+    limits.set_defaults(func=_keys_limits)
     keys.add_parser("list", help="the keys (never their secrets)").set_defaults(func=_keys_list)
     revoke = keys.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id", type=int)
@@ -155,11 +162,35 @@ def _keys_create(settings: Settings, args: argparse.Namespace) -> None:
     apis = tuple(a.strip() for a in args.apis.split(",") if a.strip()) if args.apis else None
     store = SqliteStore(settings.router_db)
     try:
-        new = create_key(store, args.name, apis, args.admin)
+        new = create_key(store, args.name, apis, args.admin, _limits(args))
     finally:
         store.close()
     print(f"webhook secret (verifies this key's ReplyTo callbacks): {new.key.webhook_secret}")
     print(f"key {new.key.id} ({', '.join(apis) if apis else 'all APIs'}): {new.token}")
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    from router.store import KeyLimits
+
+    for name in ("weight", "max_queued", "per_minute"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be 1 or more")
+    return KeyLimits(args.weight, args.max_queued, args.per_minute)
+
+
+def _keys_limits(settings: Settings, args: argparse.Namespace) -> int:
+    from router.store.sqlite import SqliteStore
+
+    store = SqliteStore(settings.router_db)
+    try:
+        if not store.set_key_limits(args.id, _limits(args)):
+            print(f"no key {args.id}", file=sys.stderr)
+            return 1
+    finally:
+        store.close()
+    print(f"key {args.id}: weight {args.weight}, at most {args.max_queued or 'any number of'} queued, "
+          f"{args.per_minute or 'any number of'} a minute (routers apply it within 5 s)")
+    return 0
 
 
 def _keys_list(settings: Settings, args: argparse.Namespace) -> None:

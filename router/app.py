@@ -34,6 +34,7 @@ from .dispatch import Dispatcher
 from .events import JobEvents
 from .families import FamilyTable
 from .keys import new_webhook_secret, read_or_make
+from .limits import KeyLimiter, KeyWeights
 from .local import local_worker
 from .lookup import JobFinder
 from .metrics import Metrics
@@ -44,7 +45,7 @@ from .retention import Retention
 from .sessions import LOCAL_WORKER, SessionRegistry
 from .state import (
     ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, DISPATCHER, FINDER, METRICS, MODELS, OUTCOMES, QUEUE, RETENTION, SESSIONS, SETTINGS,
-    SIGNER, STORE,
+    LIMITER, SIGNER, STORE,
 )
 from .store import Store
 from .store.sqlite import SqliteStore
@@ -65,6 +66,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[ARCHIVE] = JobArchive(settings.archive_dir)
     app[METRICS] = Metrics()
     app[SIGNER] = url_signer(settings)
+    app[LIMITER] = KeyLimiter()
     app.add_routes([web.get("/health", health), *public.routes(settings.router.echo_api), *jobs.routes(),
                     *files.routes(), *discovery.routes(), *chat.routes(), *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
     app.cleanup_ctx.append(_store(store))
@@ -101,7 +103,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     callbacks = app[CALLBACKS] = CallbackSender(store, settings.router, secret,
                                                 lambda api: APIS[api].field_names if api in APIS else {}, app[SIGNER])
     queue = app[QUEUE] = JobQueue(store, JobEvents(), callbacks.delivery_for, app[METRICS].job_finished)
-    dispatcher = app[DISPATCHER] = Dispatcher(queue, app[SESSIONS], settings.router.unplaceable_timeout_s)
+    dispatcher = app[DISPATCHER] = Dispatcher(queue, app[SESSIONS], settings.router.unplaceable_timeout_s, KeyWeights(store))
     queue.on_change = dispatcher.wake
     app[FINDER] = JobFinder(queue.live, store, app[ARCHIVE])
     retention = app[RETENTION] = Retention(store, app[ARTIFACTS], settings.router)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from gpugate.errors import FailureKind
 from gpugate.wire import Failure, JobOffer
@@ -29,8 +29,9 @@ TICK_S = 1.0  # a pass at least this often while jobs wait: reasons and time lim
 
 
 class Dispatcher:
-    def __init__(self, queue: JobQueue, sessions: SessionRegistry, unplaceable_timeout_s: float) -> None:
-        self.queue, self.sessions = queue, sessions
+    def __init__(self, queue: JobQueue, sessions: SessionRegistry, unplaceable_timeout_s: float,
+                 weight: Callable[[int | None], int] = lambda key_id: 1) -> None:
+        self.queue, self.sessions, self.weight = queue, sessions, weight
         self.unplaceable_timeout_s = unplaceable_timeout_s
         self._unplaceable_since: dict[int, float] = {}
         self._last_served: dict[int | None, int] = {}  # API key -> the turn its last job was handed out
@@ -66,7 +67,7 @@ class Dispatcher:
         running = self.queue.running_by_session()
         views = {v.name: v for v in self.sessions.views(running, now)}
         decided: dict[JobNeeds, AgentView | Unplaceable] = {}
-        for job in fair_order(self.queue.queued(), self._last_served):
+        for job in fair_order(self.queue.queued(), self._last_served, self.weight):
             needs = _needs(job)
             choice = decided.get(needs)
             if choice is None:
@@ -108,22 +109,26 @@ class Dispatcher:
             self.queue.finish(job, JobState.FAILED, Failure(kind=FailureKind.UNSCHEDULABLE, message=message))
 
 
-def fair_order(jobs: Iterable[Job], last_served: Mapping[int | None, int]) -> list[Job]:
-    """Queued jobs taking turns by API key: one job of each key, then another of each, ..., each
-    key's oldest first; the key served least recently (``last_served``: a key -> the turn its last
+def fair_order(jobs: Iterable[Job], last_served: Mapping[int | None, int],
+               weight: Callable[[int | None], int] = lambda key_id: 1) -> list[Job]:
+    """Queued jobs taking turns by API key: ``weight`` jobs of each key a round (its oldest first),
+    round after round; the key served least recently (``last_served``: a key -> the turn its last
     job was handed out) takes its turn first in every round. One key queuing ten thousand jobs
-    delays another key's next job by about one job, not by ten thousand."""
+    delays another key's next job by about one job (its weight's worth), not by ten thousand."""
     by_key: dict[int | None, list[Job]] = {}
     for job in sorted(jobs, key=lambda j: j.id):  # already in id order but after a recovery: linear
         by_key.setdefault(job.key_id, []).append(job)
     if len(by_key) == 1:
         return next(iter(by_key.values()))
     order = sorted(by_key, key=lambda k: (last_served.get(k, -1), by_key[k][0].id))
-    active, out, turn = [by_key[k] for k in order], [], 0
+    active = [(by_key[k], max(1, weight(k))) for k in order]
+    out: list[Job] = []
+    turn = 0
     while active:
-        out.extend(queue[turn] for queue in active)
+        for queue, share in active:
+            out.extend(queue[turn * share:(turn + 1) * share])
         turn += 1
-        active = [queue for queue in active if len(queue) > turn]
+        active = [(queue, share) for queue, share in active if len(queue) > turn * share]
     return out
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import Key, Store
+from .store import Key, KeyLimits, Store
 
 PREFIX = "gg_"
 # about the key's own jobs, so open to every key
@@ -34,10 +34,12 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_key(store: Store, name: str, apis: tuple[str, ...] | None = None, admin: bool = False) -> NewKey:
+def create_key(store: Store, name: str, apis: tuple[str, ...] | None = None, admin: bool = False,
+               limits: KeyLimits = KeyLimits()) -> NewKey:
     """A new key, with its own webhook secret for signing its jobs' callbacks."""
     token = PREFIX + secrets.token_urlsafe(32)
-    return NewKey(store.add_key(name, digest(token), token[:10], apis, admin, time.time(), new_webhook_secret()), token)
+    return NewKey(store.add_key(name, digest(token), token[:10], apis, admin, time.time(), new_webhook_secret(),
+                                limits), token)
 
 
 def new_webhook_secret() -> str:

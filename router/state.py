@@ -11,6 +11,7 @@ from .archive import JobArchive
 from .artifacts import ArtifactStore
 from .callbacks import CallbackSender
 from .dispatch import Dispatcher
+from .limits import KeyLimiter
 from .lookup import JobFinder
 from .metrics import Metrics
 from .models import ModelBook
@@ -36,7 +37,8 @@ ARCHIVE = web.AppKey("archive", JobArchive)
 CALLBACKS = web.AppKey("callbacks", CallbackSender)
 METRICS = web.AppKey("metrics", Metrics)
 SIGNER = web.AppKey("signer", UrlSigner)
+LIMITER = web.AppKey("limiter", KeyLimiter)
 KEY = web.RequestKey("key", Key | None)  # the caller's API key (None for agents)
 
 __all__ = ["SETTINGS", "STORE", "QUEUE", "FINDER", "SESSIONS", "DISPATCHER", "OUTCOMES", "ARTIFACTS", "RETENTION",
-           "CATALOG", "MODELS", "ARCHIVE", "CALLBACKS", "METRICS", "SIGNER", "KEY", "Key"]
+           "CATALOG", "MODELS", "ARCHIVE", "CALLBACKS", "METRICS", "SIGNER", "LIMITER", "KEY", "Key"]

@@ -9,11 +9,11 @@ import time
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..keys import create_key
 from ..state import CALLBACKS, FINDER, KEY, METRICS, QUEUE, RETENTION, SESSIONS, STORE
-from ..store import JobQuery, JobState, Key
+from ..store import JobQuery, JobState, Key, KeyLimits
 from .errors import ApiError
 from .public import links
 from .requests import read_fields, validate_fields
@@ -24,7 +24,7 @@ DASHBOARD_EVERY_S = 1.0
 
 def routes() -> list[web.RouteDef]:
     return [web.get("/api/ListApiKeys", list_keys), web.post("/api/CreateApiKey", create),
-            web.post("/api/RevokeApiKey", revoke), web.get("/api/GetDashboard", dashboard),
+            web.post("/api/RevokeApiKey", revoke), web.post("/api/SetApiKeyLimits", set_limits), web.get("/api/GetDashboard", dashboard),
             web.get("/api/GetDashboardEvents", dashboard_events), web.get("/metrics", metrics)]
 
 
@@ -36,7 +36,8 @@ def _admin(request: web.Request) -> Key:
 
 
 def _key_info(key: Key) -> KeyInfo:
-    return KeyInfo.model_validate({**key.__dict__, "apis": list(key.apis) if key.apis is not None else None})
+    return KeyInfo.model_validate({**key.__dict__, "apis": list(key.apis) if key.apis is not None else None,
+                                   **key.limits.__dict__})
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -48,7 +49,20 @@ def _api_list(value: Any) -> Any:
     return [a.strip() for a in value.split(",") if a.strip()] if isinstance(value, str) else value
 
 
-class NewKeyRequest(BaseModel):
+class LimitsRequest(BaseModel):
+    """A key's limits (router/limits.py): its weight when keys take turns, its queued jobs at most,
+    its jobs a minute at most (absent: no limit)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    max_queued: Annotated[int | None, Field(ge=1, le=10**7, alias="maxQueued")] = None
+    per_minute: Annotated[int | None, Field(ge=1, le=10**7, alias="perMinute")] = None
+
+    def limits(self) -> KeyLimits:
+        return KeyLimits(self.weight, self.max_queued, self.per_minute)
+
+
+class NewKeyRequest(LimitsRequest):
     name: Annotated[str, Field(max_length=200)] = ""
     apis: Annotated[list[str] | None, BeforeValidator(_api_list)] = None  # a list or "A,B"; none: every API
     admin: bool = False
@@ -58,10 +72,15 @@ class RevokeKeyRequest(BaseModel):
     id: Annotated[int, Field(ge=1, lt=2**63)]
 
 
+class SetLimitsRequest(LimitsRequest):
+    id: Annotated[int, Field(ge=1, lt=2**63)]
+
+
 async def create(request: web.Request) -> web.Response:
     _admin(request)
     asked: NewKeyRequest = validate_fields(NewKeyRequest, await read_fields(request))
-    new = create_key(request.app[STORE], asked.name, tuple(asked.apis) if asked.apis else None, asked.admin)
+    new = create_key(request.app[STORE], asked.name, tuple(asked.apis) if asked.apis else None, asked.admin,
+                     asked.limits())
     return web.json_response(NewKeyResponse(key=_key_info(new.key), token=new.token,
                                             webhook_secret=new.key.webhook_secret or "").body())
 
@@ -72,6 +91,17 @@ async def revoke(request: web.Request) -> web.Response:
     if not request.app[STORE].revoke_key(asked.id):
         raise ApiError(404, "NotFound", f"no active key {asked.id}")
     return web.json_response(_key_info(next(k for k in request.app[STORE].list_keys() if k.id == asked.id)).body())
+
+
+async def set_limits(request: web.Request) -> web.Response:
+    """A key's weight, queued-job cap and rate (each absent one: none; the weight: 1)."""
+    _admin(request)
+    asked: SetLimitsRequest = validate_fields(SetLimitsRequest, await read_fields(request))
+    if not request.app[STORE].set_key_limits(asked.id, asked.limits()):
+        raise ApiError(404, "NotFound", f"no key {asked.id}")
+    key = request.app[STORE].get_key(asked.id)
+    assert key is not None
+    return web.json_response(_key_info(key).body())
 
 
 async def _dashboard(request: web.Request) -> Dashboard:

@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An answer other than 200, in AI Server's shape."""
 
-    def __init__(self, status: int, code: str, message: str, errors: list[FieldError] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, errors: list[FieldError] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.errors = status, code, message, errors or []
+        self.headers = headers or {}
 
     def response(self, openai: bool = False) -> web.Response:
         """The answer in AI Server's shape, or in OpenAI's (``{"error": {message, type, param, code}}``)."""
@@ -39,9 +41,9 @@ class ApiError(Exception):
             param = self.errors[0].field if self.errors else None
             code = "invalid_api_key" if self.status == 401 else self.errors[0].code if self.errors else self.code
             return web.json_response({"error": {"message": self.message, "type": openai_type(self.status),
-                                                "param": param, "code": code}}, status=self.status)
+                                                "param": param, "code": code}}, status=self.status, headers=self.headers)
         return web.json_response({"responseStatus": response_status(self.code, self.message, self.errors)},
-                                 status=self.status)
+                                 status=self.status, headers=self.headers)
 
 
 def openai_type(status: int) -> str:

@@ -16,7 +16,7 @@ from gpugate import __version__
 
 from ..chat import ChatRequest
 from . import responses as r
-from .admin import NewKeyRequest, RevokeKeyRequest
+from .admin import NewKeyRequest, RevokeKeyRequest, SetLimitsRequest
 from .files import DeleteFileRequest, DeleteFilesRequest, DeleteFilesResponse
 from .jobs import STATUS_APIS, JobFilter
 from .requests import APIS, ApiRequest, Echo, Transform
@@ -71,7 +71,7 @@ def _param_schema(param: Any) -> dict[str, Any]:
 @functools.cache
 def document(echo: bool = False) -> dict[str, Any]:
     apis = {**APIS, **({"Echo": Echo} if echo else {})}
-    inputs: list[type[BaseModel]] = [*apis.values(), r.JobLookup, JobFilter, NewKeyRequest, RevokeKeyRequest,
+    inputs: list[type[BaseModel]] = [*apis.values(), r.JobLookup, JobFilter, NewKeyRequest, RevokeKeyRequest, SetLimitsRequest,
                                      DeleteFileRequest, DeleteFilesRequest, ChatRequest, QueuedChat]
     outputs: list[type[BaseModel]] = [r.GenerationResponse, r.QueueResponse, r.StatusResponse, r.ErrorResponse,
                                       r.JobsResponse, r.Dashboard, r.KeysResponse, r.NewKeyResponse, r.KeyInfo,
@@ -113,6 +113,9 @@ def document(echo: bool = False) -> dict[str, Any]:
                                                      _json_body(NewKeyRequest), _ref(r.NewKeyResponse), "The new key")}
     paths["/api/RevokeApiKey"] = {"post": _operation("RevokeApiKey", "admin", "Revoke an API key (admin)",
                                                      _json_body(RevokeKeyRequest), _ref(r.KeyInfo), "The revoked key")}
+    paths["/api/SetApiKeyLimits"] = {"post": _operation(
+        "SetApiKeyLimits", "admin", "A key's weight, queued-job cap and jobs a minute (admin)",
+        _json_body(SetLimitsRequest), _ref(r.KeyInfo), "The key with its new limits")}
     signed = [_query("exp", {"type": "integer"}), _query("sig", {"type": "string"}),
               _query("download", {"type": "boolean"})]
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}

@@ -6,6 +6,7 @@ Handlers parse, hand over to the queue, and answer; the rules live in requests.p
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from aiohttp import web
@@ -14,7 +15,8 @@ from gpugate.errors import FieldError, InvalidRequest
 
 from ..artifacts import Intake
 from ..callbacks import reply_to_problem
-from ..state import ARTIFACTS, DISPATCHER, FINDER, KEY, MODELS, QUEUE, RETENTION, SETTINGS, SIGNER
+from ..limits import LimitExceeded
+from ..state import ARTIFACTS, DISPATCHER, FINDER, KEY, LIMITER, MODELS, QUEUE, RETENTION, SETTINGS, SIGNER
 from ..store import DuplicateRefId, Job, JobState, Key
 from ..urls import Links
 from .errors import ApiError, invalid
@@ -75,11 +77,19 @@ async def enqueue(request: web.Request, api: str, spec: JobSpec, parsed: ApiRequ
     """Queue the job ``spec`` describes for the calling key (its uploads kept from ``intake``);
     a refId the key already used answers with the job it made."""
     app, key = request.app, request[KEY]
+    if parsed.ref_id and (existing := await app[FINDER].get_by_ref(key.id, parsed.ref_id)) is not None \
+            and existing.api == api:  # a retried request: the job it already made is the answer
+        return existing
     if len(json.dumps(spec.params)) > PARAMS_MAX:  # a job travels to its agent in one websocket message
         raise ApiError(413, "RequestEntityTooLarge", f"the job's parameters are larger than {PARAMS_MAX // 2**20} MB")
     if parsed.reply_to and (problem := await reply_to_problem(parsed.reply_to,
                                                               app[SETTINGS].router.callback_allow_networks)):
         raise invalid([FieldError("replyTo", problem)])
+    try:
+        app[LIMITER].admit(key, app[QUEUE].live.values(), time.time())
+    except LimitExceeded as exc:
+        retry = {"Retry-After": str(math.ceil(exc.retry_after_s))} if exc.retry_after_s is not None else None
+        raise ApiError(429, "TooManyRequests", exc.message, headers=retry) from None
     inputs = {}
     for name, file in spec.files.items():
         assert intake is not None

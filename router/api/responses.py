@@ -233,6 +233,9 @@ class KeyInfo(_Response):
     admin: bool
     created: dt.datetime
     revoked: bool
+    weight: int = 1  # its jobs a turn when keys take turns
+    max_queued: int | None = None  # its jobs that may wait at once
+    per_minute: int | None = None  # its jobs it may submit a minute
 
 
 class KeysResponse(_Response):

@@ -101,6 +101,17 @@ class Key:
     created: float
     revoked: bool
     webhook_secret: str | None = None  # signs this key's callbacks (else the server's secret)
+    limits: KeyLimits = field(default_factory=lambda: KeyLimits())
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """What a key may ask of the queue: its share when keys take turns (``weight`` jobs a turn),
+    how many of its jobs may wait at once, and how many it may submit a minute (None: no limit)."""
+
+    weight: int = 1
+    max_queued: int | None = None
+    per_minute: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,7 +156,8 @@ class Store(Protocol):
     def update_delivery(self, delivery: Delivery) -> None: ...
     def forget_deliveries(self, before: float) -> int: ...
     def add_key(self, name: str, digest: str, prefix: str, apis: tuple[str, ...] | None, admin: bool, now: float,
-                webhook_secret: str | None = None) -> Key: ...
+                webhook_secret: str | None = None, limits: KeyLimits = KeyLimits()) -> Key: ...
+    def set_key_limits(self, key_id: int, limits: KeyLimits) -> bool: ...
     def key_by_digest(self, digest: str) -> Key | None: ...
     def get_key(self, key_id: int) -> Key | None: ...
     def list_keys(self) -> list[Key]: ...

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, StoredFile
+from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, KeyLimits, StoredFile
 
 SCHEMA_VERSION = 2  # PRAGMA user_version: 2 = leases, refs and files
 JOBS_TABLE = """
@@ -50,7 +50,8 @@ CREATE INDEX IF NOT EXISTS files_finished ON files (finished) WHERE finished IS 
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, digest TEXT NOT NULL UNIQUE,
     prefix TEXT NOT NULL, apis TEXT, admin INTEGER NOT NULL, created REAL NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0, webhook_secret TEXT
+    revoked INTEGER NOT NULL DEFAULT 0, webhook_secret TEXT,
+    weight INTEGER NOT NULL DEFAULT 1, max_queued INTEGER, per_minute INTEGER
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, key_id INTEGER, url TEXT NOT NULL,
@@ -67,6 +68,7 @@ JOB_COLUMNS = ("api", "capability", "params", "inputs", "model", "megapixels", "
 ADDED_JOB_COLUMNS = {"base_url": "TEXT", "failures": "INTEGER NOT NULL DEFAULT 0", "session": "TEXT",
                      "lease_expires": "REAL", "avoid": "TEXT NOT NULL DEFAULT '[]'",
                      "notes": "TEXT NOT NULL DEFAULT '[]'"}
+KEY_LIMIT_COLUMNS = {"weight": "INTEGER NOT NULL DEFAULT 1", "max_queued": "INTEGER", "per_minute": "INTEGER"}
 _JSON = {"params", "inputs", "avoid", "notes", "results", "error"}
 _DELIVERY_COLUMNS = ("job_id", "key_id", "url", "webhook_id", "body", "created", "attempts", "next_at", "state",
                      "last_error")
@@ -80,7 +82,7 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")  # `gpugate keys` may write while the router runs
-        add_missing_columns(self._db, {"jobs": ADDED_JOB_COLUMNS, "api_keys": {"webhook_secret": "TEXT"},
+        add_missing_columns(self._db, {"jobs": ADDED_JOB_COLUMNS, "api_keys": {"webhook_secret": "TEXT", **KEY_LIMIT_COLUMNS},
                                         "files": {"key_id": "INTEGER", "label": "TEXT"}})
         self._db.executescript(SCHEMA)
         if self.needs_backfill():
@@ -244,11 +246,17 @@ class SqliteStore:
     # ---- keys ------------------------------------------------------------------------------------
 
     def add_key(self, name: str, digest: str, prefix: str, apis: tuple[str, ...] | None, admin: bool, now: float,
-                webhook_secret: str | None = None) -> Key:
+                webhook_secret: str | None = None, limits: KeyLimits = KeyLimits()) -> Key:
         cur = self._db.execute(
-            "INSERT INTO api_keys (name, digest, prefix, apis, admin, created, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (name, digest, prefix, json.dumps(apis) if apis is not None else None, int(admin), now, webhook_secret))
-        return Key(cur.lastrowid or 0, name, prefix, apis, admin, now, False, webhook_secret)
+            "INSERT INTO api_keys (name, digest, prefix, apis, admin, created, webhook_secret, weight, max_queued, "
+            "per_minute) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, digest, prefix, json.dumps(apis) if apis is not None else None, int(admin), now, webhook_secret,
+             limits.weight, limits.max_queued, limits.per_minute))
+        return Key(cur.lastrowid or 0, name, prefix, apis, admin, now, False, webhook_secret, limits)
+
+    def set_key_limits(self, key_id: int, limits: KeyLimits) -> bool:
+        return self._db.execute("UPDATE api_keys SET weight = ?, max_queued = ?, per_minute = ? WHERE id = ?",
+                                (limits.weight, limits.max_queued, limits.per_minute, key_id)).rowcount == 1
 
     def key_by_digest(self, digest: str) -> Key | None:
         row = self._db.execute("SELECT * FROM api_keys WHERE digest = ?", (digest,)).fetchone()
@@ -330,4 +338,4 @@ def job_of(row: sqlite3.Row | None) -> Job | None:
 def _key(row: sqlite3.Row) -> Key:
     apis = tuple(json.loads(row["apis"])) if row["apis"] is not None else None
     return Key(row["id"], row["name"], row["prefix"], apis, bool(row["admin"]), row["created"], bool(row["revoked"]),
-               row["webhook_secret"])
+               row["webhook_secret"], KeyLimits(row["weight"], row["max_queued"], row["per_minute"]))
