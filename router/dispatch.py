@@ -26,12 +26,13 @@ from .store import Job, JobState
 log = logging.getLogger(__name__)
 RETRY_S = 1.0  # after a failing pass (the store busy, say)
 TICK_S = 1.0  # a pass at least this often while jobs wait: reasons and time limits move on
+LOOKAHEAD = 8  # jobs a job may be passed by for one whose model its agent has loaded (fewer swaps)
 
 
 class Dispatcher:
     def __init__(self, queue: JobQueue, sessions: SessionRegistry, unplaceable_timeout_s: float,
-                 weight: Callable[[int | None], int] = lambda key_id: 1) -> None:
-        self.queue, self.sessions, self.weight = queue, sessions, weight
+                 weight: Callable[[int | None], int] = lambda key_id: 1, lookahead: int = LOOKAHEAD) -> None:
+        self.queue, self.sessions, self.weight, self.lookahead = queue, sessions, weight, lookahead
         self.unplaceable_timeout_s = unplaceable_timeout_s
         self._unplaceable_since: dict[int, float] = {}
         self._last_served: dict[int | None, int] = {}  # API key -> the turn its last job was handed out
@@ -62,19 +63,37 @@ class Dispatcher:
     async def dispatch(self, now: float) -> None:
         """One pass over the queued jobs in fair order (``fair_order``). The agents' views are built
         once per pass and updated as jobs are handed out; jobs with the same needs get the same
-        answer until one is handed out, so a long queue costs a look-up per job, not a placement."""
+        answer until one is handed out, so a long queue costs a look-up per job, not a placement.
+        When the agent a job would go to has another model loaded, a job among the next
+        ``lookahead`` that needs a model it has loaded goes there first (no swap); the passed job
+        is placed next."""
         offers: list[tuple[AgentSession, JobOffer]] = []
         running = self.queue.running_by_session()
         views = {v.name: v for v in self.sessions.views(running, now)}
         decided: dict[JobNeeds, AgentView | Unplaceable] = {}
-        for job in fair_order(self.queue.queued(), self._last_served, self.weight):
+        order = fair_order(self.queue.queued(), self._last_served, self.weight)
+        taken: set[int] = set()
+        i = 0
+        while i < len(order):
+            job = order[i]
+            if job.id in taken:
+                i += 1
+                continue
             needs = _needs(job)
             choice = decided.get(needs)
             if choice is None:
                 choice = decided[needs] = choose(needs, views.values())
             if isinstance(choice, Unplaceable):
                 self._waits(job.id, choice, now)
+                i += 1
                 continue
+            swap_free = None if job.model is None or job.model in choice.loaded else \
+                self._loaded_there(order, i + 1, choice, taken)
+            if swap_free is None:
+                i += 1
+            else:  # order[i] is looked at again once this one is out
+                job = swap_free
+            taken.add(job.id)
             self._unplaceable_since.pop(job.id, None)
             session = self.sessions.sessions[choice.name]
             if not self.queue.claim(job, session.name, session.id):
@@ -95,6 +114,14 @@ class Dispatcher:
                 log.warning("job not sent", extra={"job": offer.job_id, "agent": session.name, "error": str(exc)})
         for job_id in [j for j in self._unplaceable_since if j not in self.queue.live]:
             del self._unplaceable_since[job_id]
+
+    def _loaded_there(self, order: list[Job], start: int, agent: AgentView, taken: set[int]) -> Job | None:
+        """The first of the next ``lookahead`` queued jobs that needs a model ``agent`` has loaded
+        and that it can take now, if any."""
+        for job in order[start:start + self.lookahead]:
+            if job.id not in taken and job.model in agent.loaded and choose(_needs(job), [agent]) == agent:
+                return job
+        return None
 
     def _waits(self, job_id: int, why: Unplaceable, now: float) -> None:
         job = self.queue.live[job_id]

@@ -354,3 +354,21 @@ def test_fair_order_takes_keys_in_turn_oldest_and_least_recently_served_first() 
     assert [j.id for j in fair_order(jobs, {})] == [1, 2, 3, 4, 5, 6, 7, 8, 9], "keys already alternating: unchanged"
     assert [j.id for j in fair_order(list(reversed(jobs)), {})] == [1, 2, 3, 4, 5, 6, 7, 8, 9], "oldest first"
     assert [j.id for j in fair_order(jobs, {1: 5, 2: 3})][:3] == [3, 2, 1], "the key served longest ago first"
+
+
+async def test_a_job_whose_model_the_free_agent_has_loaded_goes_first(fleet: Fleet) -> None:
+    """Within ``lookahead`` jobs, a job needing the loaded model passes one that would swap it out."""
+    agent, _, _ = fleet.join("a")
+    agent.models = [Model(kind="checkpoints", name=n, size=2 * GB) for n in ("m.safetensors", "n.safetensors")]
+    agent.loaded = {"n.safetensors"}
+    swapping, loaded = fleet.submit(model="m.safetensors"), fleet.submit(model="n.safetensors")
+    [(_, first)] = await fleet.dispatch()
+    assert first.job_id == loaded.id, "no swap while a job for the loaded model waits"
+    agent.slots = 1
+    [(_, second)] = await fleet.dispatch()
+    assert second.job_id == swapping.id, "the passed job goes next"
+    fleet.dispatcher.lookahead = 0
+    agent.slots, agent.loaded = 1, {"m.safetensors"}
+    later = [fleet.submit(model="n.safetensors"), fleet.submit(model="m.safetensors")]
+    [(_, plain)] = await fleet.dispatch()
+    assert plain.job_id == later[0].id, "without look-ahead: first come, first served"
