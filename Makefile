@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.router
 	$(BIN)/python -m bench.dispatch
+	$(BIN)/python -m bench.fairness
 	$(BIN)/python -m bench.media
 	$(BIN)/python -m bench.chat
 	$(BIN)/python -m bench.chaos

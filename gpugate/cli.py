@@ -53,10 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--admin", action="store_true", help="may see every key's jobs")
     limits = keys.add_parser("limits", help="set a key's weight, queued-job cap and jobs a minute")
     limits.add_argument("id", type=int)
-    for parser in (create, limits):
-        parser.add_argument("--weight", type=int, default=1, help="its jobs a turn when keys take turns (default 1)")
-        parser.add_argument("--max-queued", type=int, help="its jobs that may wait at once (default: no cap)")
-        parser.add_argument("--per-minute", type=int, help="its jobs it may submit a minute (default: no limit)")
+    for sub in (create, limits):
+        sub.add_argument("--weight", type=int, default=1, help="its jobs a turn when keys take turns (default 1)")
+        sub.add_argument("--max-queued", type=int, help="its jobs that may wait at once (default: no cap)")
+        sub.add_argument("--per-minute", type=int, help="its jobs it may submit a minute (default: no limit)")
     create.set_defaults(func=_keys_create)
     limits.set_defaults(func=_keys_limits)
     keys.add_parser("list", help="the keys (never their secrets)").set_defaults(func=_keys_list)
