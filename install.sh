@@ -171,6 +171,8 @@ install_services() {
 check_python
 need_debs "ffmpeg ffprobe" ffmpeg  # the media runners call ffmpeg
 [ "$EXTRAS" = agent,dev ] && need_debs "chromium chromedriver" chromium chromium-driver  # the page tests
+# the PostgreSQL tests start their own throwaway cluster: Debian keeps initdb in /usr/lib/postgresql/N/bin
+[ "$EXTRAS" = agent,dev ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && need_debs "initdb" postgresql
 create_venv
 install_packages
 provision_comfyui

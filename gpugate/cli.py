@@ -157,10 +157,10 @@ def _up(settings: Settings, args: argparse.Namespace) -> None:
 
 def _keys_create(settings: Settings, args: argparse.Namespace) -> None:
     from router.keys import create_key
-    from router.store.sqlite import SqliteStore
+    from router.store.backends import open_store
 
     apis = tuple(a.strip() for a in args.apis.split(",") if a.strip()) if args.apis else None
-    store = SqliteStore(settings.router_db)
+    store = open_store(settings)
     try:
         new = create_key(store, args.name, apis, args.admin, _limits(args))
     finally:
@@ -179,9 +179,9 @@ def _limits(args: argparse.Namespace) -> Any:
 
 
 def _keys_limits(settings: Settings, args: argparse.Namespace) -> int:
-    from router.store.sqlite import SqliteStore
+    from router.store.backends import open_store
 
-    store = SqliteStore(settings.router_db)
+    store = open_store(settings)
     try:
         if not store.set_key_limits(args.id, _limits(args)):
             print(f"no key {args.id}", file=sys.stderr)
@@ -196,9 +196,9 @@ def _keys_limits(settings: Settings, args: argparse.Namespace) -> int:
 def _keys_list(settings: Settings, args: argparse.Namespace) -> None:
     import time
 
-    from router.store.sqlite import SqliteStore
+    from router.store.backends import open_store
 
-    store = SqliteStore(settings.router_db)
+    store = open_store(settings)
     try:
         for key in store.list_keys():
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created))
@@ -210,9 +210,9 @@ def _keys_list(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
-    from router.store.sqlite import SqliteStore
+    from router.store.backends import open_store
 
-    store = SqliteStore(settings.router_db)
+    store = open_store(settings)
     try:
         if not store.revoke_key(args.id):
             print(f"error: no active key {args.id}", file=sys.stderr)
@@ -284,12 +284,11 @@ def _models_pull(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _job_history(settings: Settings) -> Any:
-    from router.archive import JobArchive
     from router.lookup import JobFinder
-    from router.store.sqlite import SqliteStore
+    from router.store.backends import open_archive, open_store
 
-    store = SqliteStore(settings.router_db)
-    return store, JobFinder({}, store, JobArchive(settings.archive_dir))
+    store = open_store(settings)
+    return store, JobFinder({}, store, open_archive(settings, store))
 
 
 def _jobs_list(settings: Settings, args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from .api import agents as agent_api
 from .api.auth import auth_middleware
 from .api.errors import error_middleware
 from .api.requests import APIS
-from .archive import JobArchive, bring_up_to_date, keep_archiving
+from .archive import bring_up_to_date, keep_archiving
 from .artifacts import ArtifactStore
 from .callbacks import CallbackSender
 from .dispatch import Dispatcher
@@ -48,7 +48,7 @@ from .state import (
     LIMITER, SIGNER, STORE,
 )
 from .store import Store
-from .store.sqlite import SqliteStore
+from .store.backends import open_archive, open_store
 from .urls import UrlSigner
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[ARTIFACTS] = ArtifactStore(settings.artifacts_dir)
     app[SESSIONS] = SessionRegistry(settings.router.agent_failure_limit, settings.router.agent_pause_s)
     app[MODELS] = ModelBook(app[CATALOG], FamilyTable.load(settings.router.families), app[SESSIONS])
-    app[ARCHIVE] = JobArchive(settings.archive_dir)
     app[METRICS] = Metrics()
     app[SIGNER] = url_signer(settings)
     app[LIMITER] = KeyLimiter()
@@ -89,7 +88,8 @@ async def health(request: web.Request) -> web.Response:
 
 def _store(given: Store | None):  # noqa: ANN202 - a cleanup context
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        app[STORE] = given or SqliteStore(app[SETTINGS].router_db)
+        app[STORE] = given or await asyncio.to_thread(open_store, app[SETTINGS])  # PostgreSQL: connects, migrates
+        app[ARCHIVE] = open_archive(app[SETTINGS], app[STORE])
         await bring_up_to_date(app[STORE], app[ARCHIVE])
         yield
         app[STORE].close()

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing import Any, Protocol
+
 from .store import Job, JobQuery, Store
 from .store.sqlite import ADDED_JOB_COLUMNS, JOB_COLUMNS, JOBS_TABLE, add_missing_columns, encode, find_jobs, job_of
 
@@ -31,6 +33,17 @@ CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 
 def month_of(when: float) -> str:
     return time.strftime("%Y-%m", time.gmtime(when))
+
+
+class Archive(Protocol):
+    """Finished jobs out of the live store, queried the same way (JobArchive: monthly SQLite files;
+    router/store/postgres.py PostgresArchive: monthly partitions)."""
+
+    def files(self) -> list[Any]: ...  # what an earlier version made, to bring up to date
+    def month(self, path: Any) -> list[Job]: ...
+    def put(self, jobs: list[Job]) -> None: ...
+    def find(self, query: JobQuery) -> list[Job]: ...
+    def get(self, job_id: int) -> Job | None: ...
 
 
 class JobArchive:
@@ -90,7 +103,7 @@ class JobArchive:
             db.close()
 
 
-async def bring_up_to_date(store: Store, archive: JobArchive) -> None:
+async def bring_up_to_date(store: Store, archive: Archive) -> None:
     """Once, for a store made by an earlier version: record the refIds and files of archived jobs
     in the live store, so refIds stay unique and retention finds the files (in a worker thread)."""
     if not store.needs_backfill():
@@ -101,7 +114,7 @@ async def bring_up_to_date(store: Store, archive: JobArchive) -> None:
     log.info("store brought up to date")
 
 
-async def archive_finished(store: Store, archive: JobArchive, older_than_s: float) -> int:
+async def archive_finished(store: Store, archive: Archive, older_than_s: float) -> int:
     """Move finished jobs older than ``older_than_s`` into the archive; how many moved. The archive
     files are written in a worker thread; the live store stays on the event loop's thread."""
     moved = 0
@@ -112,7 +125,7 @@ async def archive_finished(store: Store, archive: JobArchive, older_than_s: floa
     return moved
 
 
-async def keep_archiving(store: Store, archive: JobArchive, older_than_s: float, every_s: float) -> None:
+async def keep_archiving(store: Store, archive: Archive, older_than_s: float, every_s: float) -> None:
     """The router's archiving task."""
     while True:
         try:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
-from .archive import JobArchive
+from .archive import Archive
 from .store import Job, JobQuery, Store
 
 
 class JobFinder:
-    def __init__(self, live: Mapping[int, Job], store: Store, archive: JobArchive) -> None:
+    def __init__(self, live: Mapping[int, Job], store: Store, archive: Archive) -> None:
         self.live, self.store, self.archive = live, store, archive  # live: the queue's (none on the command line)
 
     async def get(self, job_id: int) -> Job | None:

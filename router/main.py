@@ -20,7 +20,7 @@ from gpugate.settings import Settings
 
 from .app import create_app
 from .keys import authenticate, create_key, read_or_make
-from .store.sqlite import SqliteStore
+from .store.backends import open_store
 
 log = logging.getLogger(__name__)
 AGENT_RESTART_MIN_S, AGENT_RESTART_MAX_S = 1.0, 60.0
@@ -56,7 +56,7 @@ def local_secrets(settings: Settings) -> tuple[Settings, str]:
     data = settings.paths.data_dir
     data.mkdir(parents=True, exist_ok=True)
     token = settings.router.agent_token or read_or_make(data / "agent_token", lambda: secrets.token_urlsafe(32))
-    store = SqliteStore(settings.router_db)
+    store = open_store(settings)
     try:
         def new_admin() -> str:
             return create_key(store, "admin (gpugate up)", admin=True).token

@@ -7,7 +7,7 @@ from aiohttp import web
 from gpugate.catalog import Catalog
 from gpugate.settings import Settings
 
-from .archive import JobArchive
+from .archive import Archive
 from .artifacts import ArtifactStore
 from .callbacks import CallbackSender
 from .dispatch import Dispatcher
@@ -33,7 +33,7 @@ ARTIFACTS = web.AppKey("artifacts", ArtifactStore)
 RETENTION = web.AppKey("retention", Retention)
 CATALOG = web.AppKey("catalog", Catalog)
 MODELS = web.AppKey("models", ModelBook)
-ARCHIVE = web.AppKey("archive", JobArchive)
+ARCHIVE = web.AppKey("archive", Archive)  # type: ignore[type-abstract]
 CALLBACKS = web.AppKey("callbacks", CallbackSender)
 METRICS = web.AppKey("metrics", Metrics)
 SIGNER = web.AppKey("signer", UrlSigner)

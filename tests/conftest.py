@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,22 @@ def admin(router: Any) -> Any:
     from router.state import STORE
 
     return create_key(router.app[STORE], "admin", admin=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster for the session (tests/postgres.py); ``.new_database()`` per test.
+    Its folder is directly in /tmp: the unprivileged user it runs as cannot enter pytest's."""
+    from tests.postgres import Cluster
+
+    folder = Path(tempfile.mkdtemp(prefix="gpugate-postgres-"))
+    cluster = Cluster(folder)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

@@ -4,7 +4,9 @@ websocket path and real agent processes are in test_router.py and test_chaos.py)
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from router.outcomes import Outcomes
 from router.queue import JobQueue
 from router.retention import Retention
 from router.sessions import LOCAL_WORKER, AgentSession, Refusal, SessionRegistry
-from router.store import Job, JobState
+from router.store import Job, JobState, Store
+from router.store.postgres import PostgresStore
 from router.store.sqlite import SqliteStore
 
 GB = 2**30
@@ -29,12 +32,13 @@ GRACE = 20.0
 
 @dataclass
 class Fleet:
-    store: SqliteStore
+    store: Store
     queue: JobQueue
     sessions: SessionRegistry
     dispatcher: Dispatcher
     outcomes: Outcomes
     artifacts: ArtifactStore
+    open: Callable[[], Store]
     sent: list[tuple[str, JobOffer | StopJob]] = field(default_factory=list)
 
     def join(self, name: str, free_gb: float = 12, instance: str | None = None,
@@ -70,20 +74,37 @@ class Fleet:
         await self.dispatcher.dispatch(time.time())
         return self.sent[before:]
 
+    def reopen(self) -> Store:
+        """The same store as a new router opens it (after this one closed it); closed at the end."""
+        self.store = self.open()
+        return self.store
+
     def stored(self, job: Job) -> Job:
         found = self.store.get_job(job.id)
         assert found is not None
         return found
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Fleet:
-    store = SqliteStore(tmp_path / "router.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
+    """A router's queue, dispatcher and outcomes on each store: SQLite, and a PostgreSQL of its own."""
+    if request.param == "sqlite":
+        def open_store() -> Store:
+            return SqliteStore(tmp_path / "router.db")
+    else:
+        url = request.getfixturevalue("postgres").new_database()
+
+        def open_store() -> Store:
+            return PostgresStore(url, pool_size=2)
+    store = open_store()
     queue = JobQueue(store, JobEvents())
     sessions = SessionRegistry(failure_limit=3, pause_s=60)
     artifacts = ArtifactStore(tmp_path / "files")
     outcomes = Outcomes(queue, sessions, Retention(store, artifacts, RouterSettings()), GRACE)
-    return Fleet(store, queue, sessions, Dispatcher(queue, sessions, unplaceable_timeout_s=30), outcomes, artifacts)
+    fleet = Fleet(store, queue, sessions, Dispatcher(queue, sessions, unplaceable_timeout_s=30), outcomes, artifacts,
+                  open_store)
+    yield fleet
+    fleet.store.close()
 
 
 def held(session: AgentSession, offer: JobOffer) -> HeldJob:
@@ -165,7 +186,7 @@ async def test_after_a_router_restart_running_jobs_wait_for_their_agents(fleet: 
     [(_, offer)] = await fleet.dispatch()
     fleet.store.close()
 
-    restarted = SqliteStore(tmp_path / "router.db")  # a new router on the same store
+    restarted = fleet.reopen()  # a new router on the same store
     queue = JobQueue(restarted, JobEvents())
     queue.recover(time.time(), GRACE)
     assert queue.live[job.id].state == JobState.STARTED and queue.live[job.id].lease_expires is not None
@@ -197,7 +218,7 @@ async def test_after_a_router_restart_its_own_workers_jobs_run_again_at_no_attem
     assert (fleet.stored(mine).agent, fleet.stored(theirs).agent) == (LOCAL_WORKER, "a")
     fleet.store.close()
 
-    restarted = SqliteStore(tmp_path / "router.db")  # the router (and its worker) stopped mid-job
+    restarted = fleet.reopen()  # the router (and its worker) stopped mid-job
     queue = JobQueue(restarted, JobEvents())
     queue.recover(time.time(), GRACE, own_worker=LOCAL_WORKER)
     again = queue.live[mine.id]
@@ -322,14 +343,13 @@ async def test_an_answer_naming_files_the_store_lacks_is_an_infrastructure_failu
     assert stored.state == JobState.QUEUED and stored.failures == 1, "retried, not completed without its image"
 
 
-async def test_when_the_store_refuses_a_change_the_cache_follows_the_store(fleet: Fleet, tmp_path: Path) -> None:
+async def test_when_the_store_refuses_a_change_the_cache_follows_the_store(fleet: Fleet) -> None:
     agent, _, _ = fleet.join("a")
     job = fleet.submit()
     await fleet.dispatch()
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "router.db") as other:  # another writer got there first
-        other.execute("UPDATE jobs SET state = 'Cancelled', finished = 1 WHERE id = ?", (job.id,))
+    other = fleet.open()  # another writer (another router on the same store) got there first
+    assert other.finish(dataclasses.replace(fleet.stored(job), state=JobState.CANCELLED), time.time())
+    other.close()
     await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1))
     assert job.id not in fleet.queue.live and fleet.queue.live.get(job.id) is None
     assert fleet.stored(job).state == JobState.CANCELLED

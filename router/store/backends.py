@@ -1,0 +1,28 @@
+"""Which store and archive a router uses: SQLite (the embedded default: data/router.db and monthly
+files in data/archive/) or PostgreSQL when ``router.database_url`` names one."""
+
+from __future__ import annotations
+
+from gpugate.settings import Settings
+
+from ..archive import Archive, JobArchive
+from . import Store
+from .sqlite import SqliteStore
+
+
+def open_store(settings: Settings) -> Store:
+    if settings.router.database_url:
+        from .postgres import PostgresStore  # psycopg is needed only then
+
+        return PostgresStore(settings.router.database_url)
+    return SqliteStore(settings.router_db)
+
+
+def open_archive(settings: Settings, store: Store) -> Archive:
+    """Where ``store``'s finished jobs go: its own database's partitions, or monthly SQLite files."""
+    if not isinstance(store, SqliteStore) and settings.router.database_url:
+        from .postgres import PostgresArchive, PostgresStore
+
+        if isinstance(store, PostgresStore):
+            return PostgresArchive(store)
+    return JobArchive(settings.archive_dir)
