@@ -146,7 +146,8 @@ def _chat(driver: Any, url: str, key: str) -> str:
     from selenium.webdriver.support.ui import Select
 
     _log_in(driver, url, key, "chat")
-    Select(_wait(driver, "#chat-model", check=lambda e: "smollm2-135m" in e.text)).select_by_value("smollm2-135m")
+    models = Select(_wait(driver, "#chat-model", check=lambda e: "smollm2" in e.text.lower()))
+    models.select_by_visible_text(next(o.text for o in models.options if "smollm2" in o.text.lower()))  # its file name here
     driver.find_element(By.ID, "chat-input").send_keys("What is the capital of France?")
     driver.find_element(By.ID, "chat-send").click()
     _wait(driver, "#chat-send", timeout=120, check=lambda e: e.is_enabled())  # the stream ended
