@@ -124,6 +124,25 @@ class StoredFile:
     label: str | None  # a readable file name, for downloads
 
 
+def query_sql(table: str, query: JobQuery, mark: str) -> tuple[str, list[Any]]:
+    """The SELECT for ``query`` on ``table`` (newest first), with ``mark`` as the driver's
+    placeholder (SQLite's ``?``, psycopg's ``%s``), and its arguments."""
+    where, args = [], []
+    for column, value in (("ref_id", query.ref_id), ("tag", query.tag), ("key_id", query.key_id),
+                          ("state", query.state)):
+        if value is not None:
+            where.append(f"{column} = {mark}")
+            args.append(value)
+    if query.since is not None:
+        where.append(f"created >= {mark}")
+        args.append(query.since)
+    if query.until is not None:
+        where.append(f"created < {mark}")
+        args.append(query.until)
+    sql = f"SELECT * FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "") + f" ORDER BY id DESC LIMIT {mark}"
+    return sql, [*args, query.limit]
+
+
 class DuplicateRefId(Exception):
     """A key used a refId it already used."""
 

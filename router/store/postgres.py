@@ -23,7 +23,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, KeyLimits, StoredFile
+from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, KeyLimits, StoredFile, query_sql
 from .sqlite import _DELIVERY_COLUMNS, JOB_COLUMNS, encode, inputs_of, job_of, outputs_of
 
 SCHEMA_VERSION = 1
@@ -282,20 +282,8 @@ class PostgresStore:
 
 def find_jobs(db: psycopg.Connection[dict[str, Any]], table: str, query: JobQuery) -> list[Job]:
     """Jobs matching ``query``, newest first, from ``table`` (the live jobs, or the archive)."""
-    where, args = [], []
-    for column, value in (("ref_id", query.ref_id), ("tag", query.tag), ("key_id", query.key_id),
-                          ("state", query.state)):
-        if value is not None:
-            where.append(f"{column} = %s")
-            args.append(value)
-    if query.since is not None:
-        where.append("created >= %s")
-        args.append(query.since)
-    if query.until is not None:
-        where.append("created < %s")
-        args.append(query.until)
-    sql = f"SELECT * FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id DESC LIMIT %s"
-    return [j for j in map(job_of, db.execute(sql, (*args, query.limit)).fetchall()) if j is not None]  # type: ignore[arg-type]
+    sql, args = query_sql(table, query, "%s")
+    return [j for j in map(job_of, db.execute(sql, args).fetchall()) if j is not None]  # type: ignore[arg-type]
 
 
 def _key(row: dict[str, Any]) -> Key:

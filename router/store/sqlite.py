@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, KeyLimits, StoredFile
+from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, KeyLimits, StoredFile, query_sql
 
 SCHEMA_VERSION = 2  # PRAGMA user_version: 2 = leases, refs and files
 JOBS_TABLE = """
@@ -304,20 +304,8 @@ def add_missing_columns(db: sqlite3.Connection, tables: dict[str, dict[str, str]
 
 def find_jobs(db: sqlite3.Connection, query: JobQuery) -> list[Job]:
     """Jobs matching ``query``, newest first; shared by the live store and the monthly archives."""
-    where, args = [], []
-    for column, value in (("ref_id", query.ref_id), ("tag", query.tag), ("key_id", query.key_id),
-                          ("state", query.state)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            args.append(value)
-    if query.since is not None:
-        where.append("created >= ?")
-        args.append(query.since)
-    if query.until is not None:
-        where.append("created < ?")
-        args.append(query.until)
-    sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id DESC LIMIT ?"
-    return [j for j in map(job_of, db.execute(sql, (*args, query.limit))) if j is not None]
+    sql, args = query_sql("jobs", query, "?")
+    return [j for j in map(job_of, db.execute(sql, args)) if j is not None]
 
 
 def encode(column: str, value: Any) -> Any:
