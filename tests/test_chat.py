@@ -93,6 +93,14 @@ async def test_the_openai_client_gets_an_answer_and_max_tokens_is_honoured(clien
     short = await client.chat.completions.create(model=MODEL, max_tokens=5, temperature=0,
                                                  messages=[{"role": "user", "content": LONG}])
     assert short.usage.completion_tokens == 5 and short.choices[0].finish_reason == "length"
+    counted = await client.chat.completions.create(model=MODEL, max_tokens=60, temperature=0, seed=3,
+                                                   messages=[{"role": "user", "content": LONG}])
+    text = counted.choices[0].message.content
+    stop = text.strip()[len(text.strip()) // 2]  # a character from the middle of the answer
+    stopped = await client.chat.completions.create(model=MODEL, max_tokens=60, temperature=0, seed=3, stop=[stop],
+                                                   messages=[{"role": "user", "content": LONG}])
+    assert stop not in stopped.choices[0].message.content and text.startswith(stopped.choices[0].message.content)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens < counted.usage.completion_tokens
 
 
 async def test_streamed_deltas_arrive_before_the_job_ends(client: openai.AsyncOpenAI, router: Router, key: str) -> None:
