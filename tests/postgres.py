@@ -28,8 +28,12 @@ def program(name: str) -> str | None:
 
 
 class Cluster:
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.data = folder, folder / "data"
+    """``fsync``: flush to disk as a production server does (benchmarks); tests run without. Commits
+    are not waited for either way, like the SQLite store's WAL with synchronous=NORMAL: durable
+    across a crash of the server process, not across a power cut."""
+
+    def __init__(self, folder: Path, fsync: bool = False) -> None:
+        self.folder, self.data, self.fsync = folder, folder / "data", fsync
         self.port = free_port("127.0.0.1")
         self.pid: int | None = None
 
@@ -44,7 +48,7 @@ class Cluster:
             shutil.chown(self.folder, "nobody", "nogroup")
         subprocess.run(self._as_owner([initdb, "-D", str(self.data), "-A", "trust", "-U", USER, "--no-sync", "-E", "UTF8"]),
                        check=True, capture_output=True, timeout=120)
-        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync={'on' if self.fsync else 'off'} "
                    "-c synchronous_commit=off -c max_connections=300")
         subprocess.run(self._as_owner([pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"),
                                        "-w", "-t", "60", "start"]), check=True, capture_output=True, timeout=90)

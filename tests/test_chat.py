@@ -232,6 +232,17 @@ async def test_cancel_mid_stream_stops_the_chat(client: openai.AsyncOpenAI, rout
     while (await chat_status(router, key, left))["jobState"] != "Cancelled":
         assert time.monotonic() < deadline, "leaving the stream did not cancel the chat"
         await asyncio.sleep(0.1)
+    # so does a client that stops waiting for an answer it did not ask to stream
+    with pytest.raises(TimeoutError):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.5)) as http:
+            await http.post(f"{router.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                            json={"model": MODEL, "max_tokens": 900, "temperature": 0,
+                                  "messages": [{"role": "user", "content": LONG}]})
+    [gone] = (await call(router, key, "QueryJobs", {"limit": 1}))["jobs"]
+    deadline = time.monotonic() + 30
+    while (await chat_status(router, key, gone["jobId"]))["jobState"] != "Cancelled":
+        assert time.monotonic() < deadline, "a client that stopped waiting did not cancel its chat"
+        await asyncio.sleep(0.1)
     answer = await client.chat.completions.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
     assert answer.usage.completion_tokens <= 5  # the slots were freed
 

@@ -82,6 +82,8 @@ async def openai_completions(request: web.Request) -> web.StreamResponse:
     if chat.stream:
         return await _stream(request, job, include_usage=bool(chat.stream_options and chat.stream_options.include_usage))
     finished = await _until_finished(request, job)
+    if finished is None:  # the client left (its chat was cancelled): nobody reads this
+        return web.Response(status=499, text="client closed the request")
     if finished.state != JobState.COMPLETED:
         raise _failure(finished)
     return web.json_response(completion(finished))
@@ -117,11 +119,11 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _until_finished(request: web.Request, job: Job) -> Job:
+async def _until_finished(request: web.Request, job: Job) -> Job | None:
     """The job once it ended. A job no connected agent could take is cancelled and answered with
     the reason at once (an OpenAI client does not come back for it); so is one whose client left,
-    or that runs past ``router.chat_timeout_s``. When the router stops meanwhile the job goes on
-    (503: its client may ask GetOpenAiChatStatus, or again)."""
+    or that runs past ``router.chat_timeout_s`` (None: the client left). When the router stops
+    meanwhile the job goes on (503: its client may ask GetOpenAiChatStatus, or again)."""
     app = request.app
     queue = app[QUEUE]
     if job.state == JobState.QUEUED and (reason := app[DISPATCHER].cannot_place(job, time.time())) is not None:
@@ -134,7 +136,7 @@ async def _until_finished(request: web.Request, job: Job) -> Job:
                                                 f"GetOpenAiChatStatus?jobId={job.id}")
         if request.transport is None or request.transport.is_closing():
             await app[OUTCOMES].cancel(job, "the client left")
-            raise ConnectionResetError("the client left")
+            return None
         if time.monotonic() >= deadline:
             await app[OUTCOMES].cancel(job, "ran past router.chat_timeout_s")
             raise ApiError(504, "Timeout", f"the chat did not finish within {app[SETTINGS].router.chat_timeout_s:.0f}s")
