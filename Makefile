@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python -m bench.fairness
 	$(BIN)/python -m bench.media
 	$(BIN)/python -m bench.chat
+	$(BIN)/python -m bench.stores
 	$(BIN)/python -m bench.chaos
 
 clean:

@@ -157,6 +157,11 @@ async def test_ai_server_chat_apis(router: Router, key: str, agents: Agents, adm
                                                          headers={"Authorization": f"Bearer {key}"}) as r:
         listing = await r.json()
     assert listing["object"] == "list" and "smollm2-135m" in [m["id"] for m in listing["data"]]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        async with http.get(f"{router.url}/v1/models/smollm2-135m") as r:
+            assert r.status == 200 and (await r.json())["id"] == "smollm2-135m"
+        async with http.get(f"{router.url}/v1/models/gpt-17") as r:
+            assert r.status == 404 and (await r.json())["error"]["param"] == "model"
     jobs = await call(router, key, "QueryJobs", {"tag": "chats"})
     assert {j["refId"] for j in jobs["jobs"]} == {"chat-sync-1", "chat-queued-1"}
     metrics = await _metrics(router, admin.token)
