@@ -54,9 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     limits = keys.add_parser("limits", help="set a key's weight, queued-job cap and jobs a minute")
     limits.add_argument("id", type=int)
     for sub in (create, limits):
-        sub.add_argument("--weight", type=int, default=1, help="its jobs a turn when keys take turns (default 1)")
+        sub.add_argument("--weight", type=int, help="its jobs a turn when keys take turns (1..1000; default 1)")
         sub.add_argument("--max-queued", type=int, help="its jobs that may wait at once (default: no cap)")
         sub.add_argument("--per-minute", type=int, help="its jobs it may submit a minute (default: no limit)")
+        sub.add_argument("--no-max-queued", action="store_true", help="remove its cap on queued jobs")
+        sub.add_argument("--no-per-minute", action="store_true", help="remove its rate limit")
     create.set_defaults(func=_keys_create)
     limits.set_defaults(func=_keys_limits)
     keys.add_parser("list", help="the keys (never their secrets)").set_defaults(func=_keys_list)
@@ -169,13 +171,18 @@ def _keys_create(settings: Settings, args: argparse.Namespace) -> None:
     print(f"key {new.key.id} ({', '.join(apis) if apis else 'all APIs'}): {new.token}")
 
 
-def _limits(args: argparse.Namespace) -> Any:
+def _limits(args: argparse.Namespace, current: Any = None) -> Any:
+    """The limits the options give, on top of ``current`` (a key's, for `keys limits`)."""
     from router.store import KeyLimits
 
-    for name in ("weight", "max_queued", "per_minute"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be 1 or more")
-    return KeyLimits(args.weight, args.max_queued, args.per_minute)
+    limits = current or KeyLimits()
+    for name, most in (("weight", 1000), ("max_queued", 10**7), ("per_minute", 10**7)):
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= most:
+            raise SystemExit(f"--{name.replace('_', '-')} must be from 1 to {most}")
+    return KeyLimits(args.weight if args.weight is not None else limits.weight,
+                     None if args.no_max_queued else args.max_queued if args.max_queued is not None else limits.max_queued,
+                     None if args.no_per_minute else args.per_minute if args.per_minute is not None else limits.per_minute)
 
 
 def _keys_limits(settings: Settings, args: argparse.Namespace) -> int:
@@ -183,13 +190,16 @@ def _keys_limits(settings: Settings, args: argparse.Namespace) -> int:
 
     store = open_store(settings)
     try:
-        if not store.set_key_limits(args.id, _limits(args)):
+        key = store.get_key(args.id)
+        if key is None:
             print(f"no key {args.id}", file=sys.stderr)
             return 1
+        limits = _limits(args, key.limits)
+        store.set_key_limits(args.id, limits)
     finally:
         store.close()
-    print(f"key {args.id}: weight {args.weight}, at most {args.max_queued or 'any number of'} queued, "
-          f"{args.per_minute or 'any number of'} a minute (routers apply it within 5 s)")
+    print(f"key {args.id}: weight {limits.weight}, at most {limits.max_queued or 'any number of'} queued, "
+          f"{limits.per_minute or 'any number of'} a minute (routers apply it within 5 s)")
     return 0
 
 
@@ -312,6 +322,7 @@ def _jobs_list(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{job.id:6} {job.state:9} {job.api:18} {_when(job.created)} {took} ref={job.ref_id or '-'} "
                   f"tag={job.tag or '-'} key={job.key_id or '-'} agent={job.agent or '-'} {error}".rstrip())
     finally:
+        finder.archive.close()
         store.close()
     return 0
 
@@ -335,6 +346,7 @@ def _jobs_show(settings: Settings, args: argparse.Namespace) -> int:
     try:
         job = asyncio.run(finder.get(args.id))
     finally:
+        finder.archive.close()
         store.close()
     if job is None:
         print(f"error: no job {args.id}", file=sys.stderr)

@@ -88,10 +88,11 @@ async def health(request: web.Request) -> web.Response:
 
 def _store(given: Store | None):  # noqa: ANN202 - a cleanup context
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        app[STORE] = given or open_store(app[SETTINGS])  # at start, before any request (PostgreSQL: connects, migrates)
+        app[STORE] = given or open_store(app[SETTINGS], router=True)  # at start (PostgreSQL: connects, migrates)
         app[ARCHIVE] = open_archive(app[SETTINGS], app[STORE])
         await bring_up_to_date(app[STORE], app[ARCHIVE])
         yield
+        app[ARCHIVE].close()
         app[STORE].close()
 
     return ctx

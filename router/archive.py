@@ -44,6 +44,7 @@ class Archive(Protocol):
     def put(self, jobs: list[Job]) -> None: ...
     def find(self, query: JobQuery) -> list[Job]: ...
     def get(self, job_id: int) -> Job | None: ...
+    def close(self) -> None: ...
 
 
 class JobArchive:
@@ -83,6 +84,9 @@ class JobArchive:
                 if (job := job_of(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())) is not None:
                     return job
         return None
+
+    def close(self) -> None:
+        return None  # each call opens and closes its file
 
     def month(self, path: Path) -> list[Job]:
         """Every job in one monthly file."""

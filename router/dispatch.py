@@ -35,8 +35,12 @@ class Dispatcher:
         self.queue, self.sessions, self.weight, self.lookahead = queue, sessions, weight, lookahead
         self.unplaceable_timeout_s = unplaceable_timeout_s
         self._unplaceable_since: dict[int, float] = {}
-        self._last_served: dict[int | None, int] = {}  # API key -> the turn its last job was handed out
-        self._turn = 0
+        # stride scheduling: a key's virtual time grows by 1/weight with each job of it handed out; the
+        # key with the least goes first. A key new to the queue starts at the clock (the virtual time
+        # of the last job handed out), so it neither waits for the others nor gets a burst.
+        self._vtime: dict[int | None, float] = {}
+        self._clock = 0.0
+        self._passed: dict[int, int] = {}  # job -> passes by look-ahead so far (at most ``lookahead``)
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -71,7 +75,7 @@ class Dispatcher:
         running = self.queue.running_by_session()
         views = {v.name: v for v in self.sessions.views(running, now)}
         decided: dict[JobNeeds, AgentView | Unplaceable] = {}
-        order = fair_order(self.queue.queued(), self._last_served, self.weight)
+        order = fair_order(self.queue.queued(), self._vtime, self.weight, new=self._clock)
         taken: set[int] = set()
         i = 0
         while i < len(order):
@@ -87,11 +91,12 @@ class Dispatcher:
                 self._waits(job.id, choice, now)
                 i += 1
                 continue
-            swap_free = None if job.model is None or job.model in choice.loaded else \
-                self._loaded_there(order, i + 1, choice, taken)
+            swap_free = None if job.model is None or job.model in choice.loaded \
+                or self._passed.get(job.id, 0) >= self.lookahead else self._loaded_there(order, i + 1, choice, taken)
             if swap_free is None:
                 i += 1
-            else:  # order[i] is looked at again once this one is out
+            else:  # order[i] is looked at again once this one is out; passed so at most ``lookahead`` times
+                self._passed[job.id] = self._passed.get(job.id, 0) + 1
                 job = swap_free
             taken.add(job.id)
             self._unplaceable_since.pop(job.id, None)
@@ -100,8 +105,7 @@ class Dispatcher:
                 continue  # finished meanwhile (cancelled, say)
             session.offered(job.capability)
             running[session.id] += 1
-            self._turn += 1
-            self._last_served[job.key_id] = self._turn
+            self._served(job.key_id)
             views[choice.name] = choice.took(job.capability)
             decided.clear()  # that agent has one slot less now
             offers.append((session, JobOffer(job_id=job.id, attempt=job.attempt, capability=job.capability,
@@ -112,8 +116,14 @@ class Dispatcher:
                 log.info("job sent", extra={"job": offer.job_id, "agent": session.name, "attempt": offer.attempt})
             except (ConnectionError, RuntimeError) as exc:  # closing: its lease clock starts when it is gone
                 log.warning("job not sent", extra={"job": offer.job_id, "agent": session.name, "error": str(exc)})
-        for job_id in [j for j in self._unplaceable_since if j not in self.queue.live]:
-            del self._unplaceable_since[job_id]
+        for known in (self._unplaceable_since, self._passed):
+            for job_id in [j for j in known if j not in self.queue.live]:
+                del known[job_id]
+
+    def _served(self, key_id: int | None) -> None:
+        start = max(self._vtime.get(key_id, self._clock), self._clock)
+        self._vtime[key_id] = start + 1 / max(1, self.weight(key_id))
+        self._clock = start
 
     def _loaded_there(self, order: list[Job], start: int, agent: AgentView, taken: set[int]) -> Job | None:
         """The first of the next ``lookahead`` queued jobs that needs a model ``agent`` has loaded
@@ -136,18 +146,18 @@ class Dispatcher:
             self.queue.finish(job, JobState.FAILED, Failure(kind=FailureKind.UNSCHEDULABLE, message=message))
 
 
-def fair_order(jobs: Iterable[Job], last_served: Mapping[int | None, int],
-               weight: Callable[[int | None], int] = lambda key_id: 1) -> list[Job]:
+def fair_order(jobs: Iterable[Job], served: Mapping[int | None, float],
+               weight: Callable[[int | None], int] = lambda key_id: 1, new: float = -1.0) -> list[Job]:
     """Queued jobs taking turns by API key: ``weight`` jobs of each key a round (its oldest first),
-    round after round; the key served least recently (``last_served``: a key -> the turn its last
-    job was handed out) takes its turn first in every round. One key queuing ten thousand jobs
-    delays another key's next job by about one job (its weight's worth), not by ten thousand."""
+    round after round; the key served least (``served``: its virtual time; ``new`` for a key not in
+    it) takes its turn first in every round. One key queuing ten thousand jobs delays another key's
+    next job by about one job (its weight's worth), not by ten thousand."""
     by_key: dict[int | None, list[Job]] = {}
     for job in sorted(jobs, key=lambda j: j.id):  # already in id order but after a recovery: linear
         by_key.setdefault(job.key_id, []).append(job)
     if len(by_key) == 1:
         return next(iter(by_key.values()))
-    order = sorted(by_key, key=lambda k: (last_served.get(k, -1), by_key[k][0].id))
+    order = sorted(by_key, key=lambda k: (served.get(k, new), by_key[k][0].id))
     active = [(by_key[k], max(1, weight(k))) for k in order]
     out: list[Job] = []
     turn = 0

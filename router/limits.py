@@ -35,7 +35,9 @@ class KeyLimiter:
         self._buckets: dict[int, _Bucket] = {}
 
     def admit(self, key: Key, live: Iterable[Job], now: float) -> None:
-        """Take one job of ``key`` (``live``: the queue's live jobs) or raise LimitExceeded."""
+        """Take one job of ``key`` (``live``: the queue's live jobs; ``now``: a monotonic clock) or
+        raise LimitExceeded. The rate is a token bucket of ``per_minute`` that refills evenly: a burst
+        of at most ``per_minute`` jobs, and ``per_minute`` a minute on average."""
         limits = key.limits
         if limits.max_queued is not None:
             queued = sum(1 for j in live if j.key_id == key.id and j.state == JobState.QUEUED)
@@ -49,9 +51,14 @@ class KeyLimiter:
             bucket.updated = now
             if bucket.tokens < 1.0:
                 wait = (1.0 - bucket.tokens) / rate
-                raise LimitExceeded(f"key {key.id} may submit at most {limits.per_minute} jobs a minute (perMinute); "
+                raise LimitExceeded(f"key {key.id} may submit {limits.per_minute} jobs a minute (perMinute); "
                                     f"try again in {math.ceil(wait)}s", wait)
             bucket.tokens -= 1.0
+
+    def refund(self, key: Key) -> None:
+        """Give back the job ``admit`` took (the request made no new job after all)."""
+        if (bucket := self._buckets.get(key.id)) is not None and key.limits.per_minute is not None:
+            bucket.tokens = min(float(key.limits.per_minute), bucket.tokens + 1.0)
 
 
 class KeyWeights:

@@ -112,6 +112,9 @@ class AgentHealth:
                 f"paused for {self.paused_until - now:.0f}s more")
 
 
+ONE_INCIDENT_S = 5.0  # jobs that were running together and failed this soon after a counted fault: that fault
+
+
 class SessionRegistry:
     def __init__(self, failure_limit: int = 3, pause_s: float = 60.0) -> None:
         self.sessions: dict[str, AgentSession] = {}  # agent name -> its live session
@@ -184,8 +187,8 @@ class SessionRegistry:
                started: float | None = None) -> None:
         """Count an attempt's end against the agent: a success clears its record, an infrastructure
         failure adds to it, and the limit in a row pauses it (longer each time it trips again).
-        Jobs that were running together when the agent last failed one (``started`` before it: a
-        crash under several parallel chats) are that same fault, not more."""
+        Jobs that were running when the agent last failed one (``started`` before it) and fail within
+        ``ONE_INCIDENT_S`` of it are that same fault (a crash under several parallel chats), not more."""
         health = self.health.setdefault(name, AgentHealth())
         if kind is None:
             health.failures_in_row = 0
@@ -193,8 +196,8 @@ class SessionRegistry:
         if kind not in AGENT_FAULTS:
             return
         health.last_failure = message[:200]
-        if started is not None and started < health.last_counted:  # lost with the fault already counted
-            return
+        if started is not None and started < health.last_counted and now - health.last_counted < ONE_INCIDENT_S:
+            return  # lost with the fault already counted (a crash under several parallel jobs)
         health.last_counted = now
         health.failures_in_row += 1
         if health.failures_in_row >= self._failure_limit:

@@ -86,3 +86,23 @@ def test_two_routers_claims_on_one_database_never_collide(database: str) -> None
     finally:
         first.close()
         second.close()
+
+
+def test_one_router_per_database_and_a_newer_schema_is_refused(router: Router, database: str, postgres: Any) -> None:
+    from gpugate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="another router uses this database"):
+        PostgresStore(database, exclusive=True)  # the module's router holds it
+    newer = postgres.new_database()
+    PostgresStore(newer).close()
+    with psycopg.connect(newer, autocommit=True) as db:
+        db.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(ConfigError, match="schema is version 99, newer"):
+        PostgresStore(newer)
+
+
+def test_a_time_a_hair_before_midnight_is_archived_in_its_own_month() -> None:
+    from router.store.postgres import _month
+
+    start, end, name = _month(1735689599.9999995)  # 2024-12-31 23:59:59.9999995 UTC
+    assert name == "archived_jobs_2024_12" and start <= 1735689599.9999995 < end

@@ -392,3 +392,31 @@ async def test_a_job_whose_model_the_free_agent_has_loaded_goes_first(fleet: Fle
     later = [fleet.submit(model="n.safetensors"), fleet.submit(model="m.safetensors")]
     [(_, plain)] = await fleet.dispatch()
     assert plain.job_id == later[0].id, "without look-ahead: first come, first served"
+
+
+async def test_a_passed_job_is_passed_at_most_lookahead_times(fleet: Fleet) -> None:
+    agent, _, _ = fleet.join("a")
+    agent.models = [Model(kind="checkpoints", name=n, size=2 * GB) for n in ("m.safetensors", "n.safetensors")]
+    fleet.dispatcher.lookahead = 2
+    swapping = fleet.submit(model="m.safetensors")
+    handed = []
+    for _ in range(4):  # jobs for the loaded model keep coming
+        fleet.submit(model="n.safetensors")
+        agent.slots, agent.loaded = 1, {"n.safetensors"}
+        [(_, offer)] = await fleet.dispatch()
+        handed.append(offer.job_id)
+    assert swapping.id == handed[2], "passed twice, then its turn"
+
+
+async def test_key_weights_hold_when_slots_free_one_at_a_time(fleet: Fleet) -> None:
+    agent, _, _ = fleet.join("a")
+    fleet.dispatcher.weight = {1: 3, 2: 1}.__getitem__
+    for _ in range(8):
+        fleet.submit(key_id=1)
+        fleet.submit(key_id=2)
+    keys = []
+    for _ in range(8):
+        agent.slots = 1
+        [(_, offer)] = await fleet.dispatch()
+        keys.append(fleet.queue.live[offer.job_id].key_id)
+    assert keys.count(1) == 6 and keys.count(2) == 2, keys

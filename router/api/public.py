@@ -85,16 +85,17 @@ async def enqueue(request: web.Request, api: str, spec: JobSpec, parsed: ApiRequ
     if parsed.reply_to and (problem := await reply_to_problem(parsed.reply_to,
                                                               app[SETTINGS].router.callback_allow_networks)):
         raise invalid([FieldError("replyTo", problem)])
-    try:
-        app[LIMITER].admit(key, app[QUEUE].live.values(), time.time())
-    except LimitExceeded as exc:
-        retry = {"Retry-After": str(math.ceil(exc.retry_after_s))} if exc.retry_after_s is not None else None
-        raise ApiError(429, "TooManyRequests", exc.message, headers=retry) from None
     inputs = {}
     for name, file in spec.files.items():
         assert intake is not None
         received, ext = (file.file, file.info.extension) if isinstance(file, Upload) else (file, "")
         inputs[name] = await intake.keep(received, ext)
+    try:  # right before the job is queued, nothing awaited between: concurrent requests count each other
+        app[LIMITER].admit(key, app[QUEUE].live.values(), time.monotonic())
+    except LimitExceeded as exc:
+        await app[ARTIFACTS].remove(inputs.values())
+        retry = {"Retry-After": str(math.ceil(exc.retry_after_s))} if exc.retry_after_s is not None else None
+        raise ApiError(429, "TooManyRequests", exc.message, headers=retry) from None
     job = Job(id=0, api=api, capability=spec.capability, params=spec.params, inputs=inputs,
               model=spec.model, megapixels=spec.megapixels, max_attempts=app[SETTINGS].router.max_attempts, notes=spec.notes,
               key_id=key.id, ref_id=parsed.ref_id, tag=parsed.tag, reply_to=parsed.reply_to,
@@ -102,8 +103,8 @@ async def enqueue(request: web.Request, api: str, spec: JobSpec, parsed: ApiRequ
     try:
         return app[QUEUE].submit(job)
     except DuplicateRefId:  # a retried request: the job it already made is the answer, with its own files
-        if intake is not None:
-            await app[ARTIFACTS].remove(inputs.values())
+        app[LIMITER].refund(key)
+        await app[ARTIFACTS].remove(inputs.values())
         existing = await app[FINDER].get_by_ref(key.id, parsed.ref_id or "")
         if existing is None or existing.api != job.api:
             raise invalid([FieldError("refId", "is already used by another request")]) from None

@@ -10,17 +10,18 @@ from . import Store
 from .sqlite import SqliteStore
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, router: bool = False) -> Store:
+    """``router``: for the router itself (on PostgreSQL, the one router of its database)."""
     if settings.router.database_url:
         from .postgres import PostgresStore  # psycopg is needed only then
 
-        return PostgresStore(settings.router.database_url)
+        return PostgresStore(settings.router.database_url, exclusive=router)
     return SqliteStore(settings.router_db)
 
 
 def open_archive(settings: Settings, store: Store) -> Archive:
     """Where ``store``'s finished jobs go: its own database's partitions, or monthly SQLite files."""
-    if not isinstance(store, SqliteStore) and settings.router.database_url:
+    if not isinstance(store, SqliteStore):
         from .postgres import PostgresArchive, PostgresStore
 
         if isinstance(store, PostgresStore):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -23,11 +25,14 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from gpugate.errors import ConfigError
+
 from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, KeyLimits, StoredFile, query_sql
 from .sqlite import _DELIVERY_COLUMNS, JOB_COLUMNS, encode, inputs_of, job_of, outputs_of
 
 SCHEMA_VERSION = 1
 POOL_SIZE = 4
+ARCHIVE_POOL_SIZE = 2
 CONNECT_TIMEOUT_S = 30.0
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -66,29 +71,67 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS archived_jobs (LIKE jobs INCLUDING DEFAULTS) PARTITION BY RANGE (created);
+CREATE INDEX IF NOT EXISTS archived_jobs_id ON archived_jobs (id);
+CREATE INDEX IF NOT EXISTS archived_jobs_ref_id ON archived_jobs (ref_id, key_id);
+CREATE INDEX IF NOT EXISTS archived_jobs_tag ON archived_jobs (tag);
+CREATE INDEX IF NOT EXISTS archived_jobs_key ON archived_jobs (key_id, created);
 """
-MIGRATIONS: dict[int, str] = {}  # version -> what brings the previous version's schema to it
+# version -> what brings the previous version's schema to it; a new column goes into both jobs and
+# archived_jobs (ALTER TABLE ... ADD COLUMN IF NOT EXISTS), and into SCHEMA for new databases
+MIGRATIONS: dict[int, str] = {}
+ROUTER_LOCK = 4241  # held by the one router that uses a database (several routers come later)
+SCHEMA_LOCK = 4242
+PARTITION_LOCK = 4243
+
+
+def connection_pool(url: str, size: int, name: str) -> ConnectionPool:
+    pool = ConnectionPool(url, min_size=1, max_size=size, open=False, name=name,
+                          check=ConnectionPool.check_connection,  # a restarted server's dead connections are not handed out
+                          kwargs={"autocommit": True, "row_factory": dict_row})
+    pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+    return pool
 
 
 class PostgresStore:
-    def __init__(self, url: str, pool_size: int = POOL_SIZE) -> None:
-        self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, name="gpugate-store",
-                                   kwargs={"autocommit": True, "row_factory": dict_row})
-        self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+    """``exclusive``: this is a router's store, and the only router's on this database (the lock
+    is held on a connection of its own until ``close``); the command line opens it without."""
+
+    def __init__(self, url: str, pool_size: int = POOL_SIZE, exclusive: bool = False) -> None:
+        self.url = url
+        self._lock: psycopg.Connection[Any] | None = None
+        if exclusive:
+            self._lock = psycopg.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S))
+            if not self._lock.execute("SELECT pg_try_advisory_lock(%s)", (ROUTER_LOCK,)).fetchone()[0]:  # type: ignore[index]
+                self._lock.close()
+                raise ConfigError("another router uses this database (router.database_url): one router per database "
+                                  "for now")
+        self.pool = connection_pool(url, pool_size, "gpugate-store")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the schema in a new database, or bring an older one up to date; refuse a newer one."""
         with self._transaction() as db:
-            db.execute("SELECT pg_advisory_xact_lock(4242)")  # routers starting together migrate one at a time
-            db.execute(SCHEMA)
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            version = row["version"] if row else 0
-            for target in sorted(v for v in MIGRATIONS if v > version):
-                db.execute(MIGRATIONS[target])
-            if row is None:
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))  # routers starting together: one at a time
+            exists = db.execute("SELECT to_regclass('schema_version') IS NOT NULL AS present").fetchone()
+            row = db.execute("SELECT version FROM schema_version").fetchone() if exists and exists["present"] else None
+            if row is not None and row["version"] > SCHEMA_VERSION:
+                raise ConfigError(f"the database's schema is version {row['version']}, newer than this gpugate's "
+                                  f"{SCHEMA_VERSION}: run the newer gpugate")
+            if row is not None and row["version"] == SCHEMA_VERSION:
+                return
+            if row is None:  # a new database: the current schema as it is
+                db.execute(SCHEMA)
                 db.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
-            else:
-                db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+                return
+            for target in sorted(v for v in MIGRATIONS if v > row["version"]):
+                db.execute(MIGRATIONS[target])
+            db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
 
     def close(self) -> None:
         self.pool.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
@@ -127,6 +170,8 @@ class PostgresStore:
                                (job.key_id or 0, job.ref_id, job.id))
                 self._add_files(db, [(name, job.id, job.key_id, label, None) for name, label in inputs_of(job)])
         except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != "refs_pkey":
+                raise
             raise DuplicateRefId(job.ref_id or "") from exc
         return job
 
@@ -298,7 +343,7 @@ class PostgresArchive:
     (router/archive.py ``JobArchive``); a copy repeated after a crash replaces the rows by id."""
 
     def __init__(self, store: PostgresStore) -> None:
-        self.pool = store.pool
+        self.pool = connection_pool(store.url, ARCHIVE_POOL_SIZE, "gpugate-archive")  # its own: never starves the store
 
     def files(self) -> list[Any]:
         return []  # nothing made by an earlier version to bring up to date
@@ -309,10 +354,12 @@ class PostgresArchive:
     def put(self, jobs: list[Job]) -> None:
         columns = ("id", *JOB_COLUMNS)
         rows = [[job.id, *(encode(c, getattr(job, c)) for c in JOB_COLUMNS)] for job in jobs]
+        for start, end, name in {_month(job.created) for job in jobs}:  # each in a short transaction of its own
+            with self.pool.connection() as db, db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+                if not db.execute("SELECT to_regclass(%s) IS NOT NULL AS present", (name,)).fetchone()["present"]:  # type: ignore[index]
+                    db.execute(f"CREATE TABLE {name} PARTITION OF archived_jobs FOR VALUES FROM ({start}) TO ({end})")
         with self.pool.connection() as db, db.transaction():
-            for start, end, name in {_month(job.created) for job in jobs}:
-                db.execute("SELECT pg_advisory_xact_lock(4243)")
-                db.execute(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF archived_jobs FOR VALUES FROM ({start}) TO ({end})")
             db.execute("DELETE FROM archived_jobs WHERE id = ANY(%s)", ([job.id for job in jobs],))
             with db.cursor() as cur:
                 cur.executemany(f"INSERT INTO archived_jobs ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})",
@@ -326,10 +373,14 @@ class PostgresArchive:
         with self.pool.connection() as db:
             return job_of(db.execute("SELECT * FROM archived_jobs WHERE id = %s", (job_id,)).fetchone())  # type: ignore[arg-type]
 
+    def close(self) -> None:
+        self.pool.close()
+
 
 def _month(when: float) -> tuple[int, int, str]:
-    """The month ``when`` falls in (UTC): its first second, the next month's, and its partition's name."""
-    day = dt.datetime.fromtimestamp(when, dt.UTC)
-    first = dt.datetime(day.year, day.month, 1, tzinfo=dt.UTC)
-    following = dt.datetime(day.year + day.month // 12, day.month % 12 + 1, 1, tzinfo=dt.UTC)
-    return int(first.timestamp()), int(following.timestamp()), f"archived_jobs_{day.year:04d}_{day.month:02d}"
+    """The month ``when`` falls in (UTC): its first second, the next month's, and its partition's name.
+    (Whole seconds, rounded down: a time a hair before midnight stays in its month.)"""
+    day = time.gmtime(math.floor(when))
+    first = dt.datetime(day.tm_year, day.tm_mon, 1, tzinfo=dt.UTC)
+    following = dt.datetime(day.tm_year + day.tm_mon // 12, day.tm_mon % 12 + 1, 1, tzinfo=dt.UTC)
+    return int(first.timestamp()), int(following.timestamp()), f"archived_jobs_{day.tm_year:04d}_{day.tm_mon:02d}"
