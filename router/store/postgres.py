@@ -34,6 +34,7 @@ SCHEMA_VERSION = 1
 POOL_SIZE = 4
 ARCHIVE_POOL_SIZE = 2
 CONNECT_TIMEOUT_S = 30.0
+STATEMENT_TIMEOUT_S = 30.0  # a statement that runs longer (a stuck lock) fails instead of stalling the router
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -87,7 +88,8 @@ PARTITION_LOCK = 4243
 def connection_pool(url: str, size: int, name: str) -> ConnectionPool:
     pool = ConnectionPool(url, min_size=1, max_size=size, open=False, name=name,
                           check=ConnectionPool.check_connection,  # a restarted server's dead connections are not handed out
-                          kwargs={"autocommit": True, "row_factory": dict_row})
+                          kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT_S),
+                                  "options": f"-c statement_timeout={int(STATEMENT_TIMEOUT_S * 1000)}"})
     pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
     return pool
 
