@@ -106,7 +106,8 @@ class RouterLink:
         if not settings.agent.router_url or not settings.agent.token:
             raise ValueError("agent.router_url and agent.token are needed to join a router")
         self.settings = settings
-        self.url = settings.agent.router_url.rstrip("/")
+        self.urls = router_urls(settings.agent.router_url)
+        self.url = self.urls[0]  # the router connected to, or tried last
         self.name = settings.agent.name or socket.gethostname()
         self.instance = secrets.token_hex(8)  # this process: the router tells a reconnect from a namesake
         self._runners = runners
@@ -156,9 +157,12 @@ class RouterLink:
             await asyncio.wait_for(self._settled.wait(), HANDBACK_S)
 
     async def _stay_connected(self) -> None:
-        delay = RECONNECT_MIN_S
-        async with aiohttp.ClientSession(self.url, headers=self._headers, timeout=HTTP_TIMEOUT) as http:
-            while True:
+        """Connect to the routers in turn (``agent.router_url`` may name several: a standby takes
+        over when the active one dies), each lost or failed connection moving on to the next."""
+        delay, turn = RECONNECT_MIN_S, 0
+        while True:
+            self.url = self.urls[turn % len(self.urls)]
+            async with aiohttp.ClientSession(self.url, headers=self._headers, timeout=HTTP_TIMEOUT) as http:
                 try:
                     await self._connection(http)
                     delay = RECONNECT_MIN_S
@@ -167,13 +171,14 @@ class RouterLink:
                     delay = REFUSED_RETRY_S
                 except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
                     log.warning("router unreachable", extra={"router": self.url, "error": str(exc) or type(exc).__name__})
+                    turn += 1
                 except Exception:  # a bug in a session must not end the agent: log it and reconnect
                     log.exception("router connection failed")
                 finally:
                     self._session = None
                     self.connected.clear()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S) if delay < REFUSED_RETRY_S else delay
+            await asyncio.sleep(delay if turn % len(self.urls) == 0 else RECONNECT_MIN_S)  # the next router at once
+            delay = min(delay * 2, RECONNECT_MAX_S) if delay < REFUSED_RETRY_S else delay
 
     # ---- one connection ------------------------------------------------------------------------------
 
@@ -492,6 +497,11 @@ class RouterLink:
         part = path.with_suffix(".part")
         part.write_text(json.dumps({"router": self.url, "time": time.time()}))
         part.replace(path)  # the health check never reads half a file
+
+
+def router_urls(setting: str) -> list[str]:
+    """The routers ``agent.router_url`` names: one URL, or several separated by commas or spaces."""
+    return [u.rstrip("/") for u in setting.replace(",", " ").split()]
 
 
 def _attempt(work: Work) -> tuple[int, int]:

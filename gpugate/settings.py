@@ -147,6 +147,7 @@ class Router(_Section):
     listen: str = "127.0.0.1"
     port: int = 8420
     database_url: str | None = None  # postgresql://user:password@host/db; default: SQLite in data/router.db
+    standby: bool = False  # with database_url: wait for the active router on that database to stop, then take over
     public_base_url: str | None = None  # where clients fetch /artifacts (a CDN); default: the router's own URL
     agent_token: str | None = None  # agents must present it; `gpugate up` makes one
     sync_timeout_s: float = 60.0  # a sync call waits this long, then answers with the job reference

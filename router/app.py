@@ -11,6 +11,7 @@ jobs, and the store closes.
 from __future__ import annotations
 
 import asyncio
+import threading
 import contextlib
 import logging
 import secrets
@@ -48,6 +49,8 @@ from .state import (
     LIMITER, SIGNER, STORE,
 )
 from .store import Store
+
+GIVE_UP = web.AppKey("give_up", threading.Event)
 from .store.backends import open_archive, open_store
 from .urls import UrlSigner
 
@@ -66,6 +69,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[METRICS] = Metrics()
     app[SIGNER] = url_signer(settings)
     app[LIMITER] = KeyLimiter()
+    app[GIVE_UP] = threading.Event()  # set when the router stops while it stands by (router.standby)
     app.add_routes([web.get("/health", health), *public.routes(settings.router.echo_api), *jobs.routes(),
                     *files.routes(), *discovery.routes(), *chat.routes(), *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
     app.cleanup_ctx.append(_store(store))
@@ -88,7 +92,13 @@ async def health(request: web.Request) -> web.Response:
 
 def _store(given: Store | None):  # noqa: ANN202 - a cleanup context
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        app[STORE] = given or open_store(app[SETTINGS], router=True)  # at start (PostgreSQL: connects, migrates)
+        settings = app[SETTINGS]
+        if given is not None:
+            app[STORE] = given
+        elif settings.router.database_url:  # may wait (a standby): in a thread, so signals are still heard
+            app[STORE] = await asyncio.to_thread(open_store, settings, True, app[GIVE_UP])
+        else:  # SQLite's connection stays on the thread that made it: this one
+            app[STORE] = open_store(settings, router=True)
         app[ARCHIVE] = open_archive(app[SETTINGS], app[STORE])
         await bring_up_to_date(app[STORE], app[ARCHIVE])
         yield

@@ -18,7 +18,7 @@ from gpugate.children import die_with_parent
 
 from gpugate.settings import Settings
 
-from .app import create_app
+from .app import GIVE_UP, create_app
 from .keys import authenticate, create_key, read_or_make
 from .store.backends import open_store
 
@@ -39,7 +39,17 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, handle
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(create_app(settings), handle_signals=False, shutdown_timeout=5)
-    await runner.setup()
+    setup, stopped = asyncio.ensure_future(runner.setup()), asyncio.ensure_future(stop.wait())
+    await asyncio.wait({setup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not setup.done():  # told to stop while it starts (a standby waiting for the active router)
+        runner.app[GIVE_UP].set()
+        with contextlib.suppress(Exception):
+            await setup
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        return
+    setup.result()  # a failed start raises here
     try:
         await web.TCPSite(runner, settings.router.listen, settings.router.port).start()
         log.info("router listening", extra={"url": router_url(settings)})

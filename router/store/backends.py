@@ -3,6 +3,8 @@ files in data/archive/) or PostgreSQL when ``router.database_url`` names one."""
 
 from __future__ import annotations
 
+import threading
+
 from gpugate.settings import Settings
 
 from ..archive import Archive, JobArchive
@@ -10,12 +12,14 @@ from . import Store
 from .sqlite import SqliteStore
 
 
-def open_store(settings: Settings, router: bool = False) -> Store:
-    """``router``: for the router itself (on PostgreSQL, the one router of its database)."""
+def open_store(settings: Settings, router: bool = False, give_up: threading.Event | None = None) -> Store:
+    """``router``: for the router itself (on PostgreSQL, the one router of its database; a standby
+    waits for it until ``give_up`` is set)."""
     if settings.router.database_url:
         from .postgres import PostgresStore  # psycopg is needed only then
 
-        return PostgresStore(settings.router.database_url, exclusive=router)
+        return PostgresStore(settings.router.database_url, exclusive=router, standby=router and settings.router.standby,
+                             give_up=give_up)
     return SqliteStore(settings.router_db)
 
 

@@ -14,9 +14,11 @@ a millisecond; the archive and look-ups of old jobs run in worker threads.
 from __future__ import annotations
 
 import contextlib
+import logging
 import datetime as dt
 import json
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -30,11 +32,13 @@ from gpugate.errors import ConfigError
 from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, KeyLimits, StoredFile, query_sql
 from .sqlite import _DELIVERY_COLUMNS, JOB_COLUMNS, encode, inputs_of, job_of, outputs_of
 
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 POOL_SIZE = 4
 ARCHIVE_POOL_SIZE = 2
 CONNECT_TIMEOUT_S = 30.0
-STATEMENT_TIMEOUT_S = 30.0  # a statement that runs longer (a stuck lock) fails instead of stalling the router
+STATEMENT_TIMEOUT_S = 30.0
+STANDBY_POLL_S = 0.5  # a standby router asks this often whether the active one is gone  # a statement that runs longer (a stuck lock) fails instead of stalling the router
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -96,17 +100,33 @@ def connection_pool(url: str, size: int, name: str) -> ConnectionPool:
 
 class PostgresStore:
     """``exclusive``: this is a router's store, and the only router's on this database (the lock
-    is held on a connection of its own until ``close``); the command line opens it without."""
+    is held on a connection of its own until ``close``, and goes with it if the router dies); the
+    command line opens it without. ``standby``: wait for the lock (for the active router to die)
+    instead of refusing."""
 
-    def __init__(self, url: str, pool_size: int = POOL_SIZE, exclusive: bool = False) -> None:
+    def __init__(self, url: str, pool_size: int = POOL_SIZE, exclusive: bool = False, standby: bool = False,
+                 give_up: threading.Event | None = None) -> None:
         self.url = url
         self._lock: psycopg.Connection[Any] | None = None
         if exclusive:
             self._lock = psycopg.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S))
-            if not self._lock.execute("SELECT pg_try_advisory_lock(%s)", (ROUTER_LOCK,)).fetchone()[0]:  # type: ignore[index]
-                self._lock.close()
-                raise ConfigError("another router uses this database (router.database_url): one router per database "
-                                  "for now")
+            waited = False
+            while not self._lock.execute("SELECT pg_try_advisory_lock(%s)", (ROUTER_LOCK,)).fetchone()[0]:  # type: ignore[index]
+                if not standby:
+                    self._lock.close()
+                    raise ConfigError("another router uses this database (router.database_url): one router per "
+                                      "database for now; start this one with router.standby = true to take over "
+                                      "when it stops")
+                if not waited:
+                    log.info("standby: another router is active on this database; taking over when it stops")
+                    waited = True
+                if give_up is not None and give_up.wait(STANDBY_POLL_S):  # this router is told to stop meanwhile
+                    self._lock.close()
+                    raise ConfigError("stopped while standing by")
+                if give_up is None:
+                    time.sleep(STANDBY_POLL_S)
+            if waited:
+                log.warning("standby: the active router stopped; this router takes over")
         self.pool = connection_pool(url, pool_size, "gpugate-store")
         self._migrate()
 
