@@ -39,6 +39,16 @@ def test_the_dockerfile_passes_hadolint_and_installs_with_install_sh() -> None:
     assert 'VOLUME ["/app/models", "/app/data"]' in instructions
 
 
+def test_the_high_availability_override_adds_postgresql_and_a_standby_router() -> None:
+    ha = yaml.safe_load((PROJECT_ROOT / "docker-compose.ha.yml").read_text())["services"]
+    url = ha["router"]["environment"]["GPUGATE_ROUTER__DATABASE_URL"]
+    assert url.startswith("postgresql://") and ha["router-standby"]["environment"]["GPUGATE_ROUTER__DATABASE_URL"] == url
+    assert ha["router-standby"]["environment"]["GPUGATE_ROUTER__STANDBY"] == "true"
+    assert ha["router-standby"]["volumes"] == ha["router"]["volumes"], "one data folder: the file store and the secrets"
+    assert ha["agent"]["environment"]["GPUGATE_AGENT__ROUTER_URL"] == "http://router:8420,http://router-standby:8420"
+    assert ha["router"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
 def test_compose_runs_a_router_and_an_agent_that_reserves_the_gpus() -> None:
     compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
     router, agent = compose["services"]["router"], compose["services"]["agent"]
