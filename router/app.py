@@ -11,6 +11,8 @@ jobs, and the store closes.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import contextlib
 import logging
@@ -56,6 +58,7 @@ from .urls import UrlSigner
 
 log = logging.getLogger(__name__)
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 60.0
+LOCK_CHECK_S = 2.0  # how often a router on PostgreSQL checks it still holds its database
 
 
 def create_app(settings: Settings, store: Store | None = None) -> web.Application:
@@ -121,6 +124,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     outcomes = app[OUTCOMES] = Outcomes(queue, app[SESSIONS], retention, settings.router.lease_grace_s)
     queue.recover(time.time(), settings.router.lease_grace_s, own_worker=LOCAL_WORKER)
     tasks = [_supervised("dispatcher", dispatcher.run),
+             _supervised("database-lock", lambda: _keep_database(store)),
              _supervised("agent-watchdog", lambda: _watchdog(app)),
              _supervised("callbacks", callbacks.run),
              _supervised("archiver", lambda: keep_archiving(store, app[ARCHIVE], settings.router.archive_after_s,
@@ -151,6 +155,22 @@ async def _watchdog(app: web.Application) -> None:
             log.warning("agent silent, closing its connection", extra={"agent": session.name})
             await session.disconnect()  # its socket handler then starts its leases' clock
         app[OUTCOMES].expire_leases(time.time())
+
+
+async def _keep_database(store: Store) -> None:
+    """A router on PostgreSQL serves only while it holds its database (a standby takes over when
+    the lock goes): if the lock's connection breaks, the router stops itself (SIGTERM, an orderly
+    shutdown), rather than serve beside the standby. Its agents reconnect to the standby."""
+    holds = getattr(store, "holds_lock", None)
+    if holds is None:
+        return
+    while True:
+        await asyncio.sleep(LOCK_CHECK_S)
+        if not await asyncio.to_thread(holds):
+            log.critical("this router lost its hold on the database (router.database_url); stopping so that "
+                         "the standby serves alone")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:

@@ -125,3 +125,18 @@ async def test_a_standby_router_takes_over_and_every_job_completes(
         assert all(j["agent"] == "talker" for j in found["jobs"])
     finally:
         agents.stop_all()
+
+
+async def test_a_router_that_loses_its_hold_on_the_database_stops(routers: tuple[RouterProcess, RouterProcess],
+                                                                  postgres: Any) -> None:
+    """Its lock's connection broken (a network cut, a database restart): the standby may take over,
+    so the router stops itself rather than serve beside it."""
+    import psycopg
+
+    active, standby = routers
+    database = active.env["GPUGATE_ROUTER__DATABASE_URL"]
+    with psycopg.connect(database, autocommit=True) as db:
+        [(holder,)] = db.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 4241 AND granted").fetchall()
+        db.execute("SELECT pg_terminate_backend(%s)", (holder,))
+    assert active.proc.wait(30) is not None, "the router stopped"
+    await standby.wait_healthy()

@@ -130,6 +130,17 @@ class PostgresStore:
         self.pool = connection_pool(url, pool_size, "gpugate-store")
         self._migrate()
 
+    def holds_lock(self) -> bool:
+        """Whether this router still holds its database (its lock's connection is alive). If the
+        connection broke, a standby may have taken over: this router must stop serving."""
+        if self._lock is None:
+            return True
+        try:
+            self._lock.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
+
     def _migrate(self) -> None:
         """Create the schema in a new database, or bring an older one up to date; refuse a newer one."""
         with self._transaction() as db:
