@@ -106,3 +106,13 @@ def test_a_time_a_hair_before_midnight_is_archived_in_its_own_month() -> None:
 
     start, end, name = _month(1735689599.9999995)  # 2024-12-31 23:59:59.9999995 UTC
     assert name == "archived_jobs_2024_12" and start <= 1735689599.9999995 < end
+
+
+def test_a_standby_without_a_database_is_refused(tmp_path: Any) -> None:
+    from gpugate.errors import ConfigError
+    from gpugate.settings import load_settings
+    from router.store.backends import open_store
+
+    settings = load_settings(environ={"GPUGATE_ROUTER__STANDBY": "true", "GPUGATE_PATHS__DATA_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match="router.standby needs router.database_url"):
+        open_store(settings, router=True)

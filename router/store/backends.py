@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+from gpugate.errors import ConfigError
 from gpugate.settings import Settings
 
 from ..archive import Archive, JobArchive
@@ -15,6 +16,9 @@ from .sqlite import SqliteStore
 def open_store(settings: Settings, router: bool = False, give_up: threading.Event | None = None) -> Store:
     """``router``: for the router itself (on PostgreSQL, the one router of its database; a standby
     waits for it until ``give_up`` is set)."""
+    if settings.router.standby and not settings.router.database_url:
+        raise ConfigError("router.standby needs router.database_url: a standby waits on the PostgreSQL it shares "
+                          "with the active router")
     if settings.router.database_url:
         from .postgres import PostgresStore  # psycopg is needed only then
 
