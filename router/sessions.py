@@ -21,8 +21,8 @@ drain the queue. The record is kept by name, so a reconnect does not clear it.
 
 from __future__ import annotations
 
-import re
 import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
