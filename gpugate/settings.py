@@ -148,6 +148,10 @@ class Router(_Section):
     port: int = 8420
     database_url: str | None = None  # postgresql://user:password@host/db; default: SQLite in data/router.db
     standby: bool = False  # with database_url: wait for the active router on that database to stop, then take over
+    # with database_url: several routers serve this database at once (behind a load balancer), sharing
+    # the queue, the agents' reports and the callbacks; every one of them needs it
+    shared: bool = False
+    peer_timeout_s: float = 10.0  # with shared: a router silent this long is gone; its agents' leases start their clock
     public_base_url: str | None = None  # where clients fetch /artifacts (a CDN); default: the router's own URL
     agent_token: str | None = None  # agents must present it; `gpugate up` makes one
     sync_timeout_s: float = 60.0  # a sync call waits this long, then answers with the job reference

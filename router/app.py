@@ -43,18 +43,19 @@ from .lookup import JobFinder
 from .metrics import Metrics
 from .models import ModelBook
 from .outcomes import Outcomes
+from .peers import Peers
 from .queue import JobQueue
 from .retention import Retention
 from .sessions import LOCAL_WORKER, SessionRegistry
 from .state import (
-    ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, DISPATCHER, FINDER, METRICS, MODELS, OUTCOMES, QUEUE, RETENTION, SESSIONS, SETTINGS,
-    LIMITER, SIGNER, STORE,
+    ARCHIVE, ARTIFACTS, CALLBACKS, CATALOG, DISPATCHER, FINDER, LIMITER, METRICS, MODELS, OUTCOMES, PEERS, QUEUE, RETENTION,
+    SESSIONS, SETTINGS, SIGNER, STORE,
 )
 from .store import Store
-
-GIVE_UP = web.AppKey("give_up", threading.Event)
 from .store.backends import open_archive, open_store
 from .urls import UrlSigner
+
+GIVE_UP = web.AppKey("give_up", threading.Event)
 
 log = logging.getLogger(__name__)
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 60.0
@@ -73,6 +74,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app[SIGNER] = url_signer(settings)
     app[LIMITER] = KeyLimiter()
     app[GIVE_UP] = threading.Event()  # set when the router stops while it stands by (router.standby)
+    app[PEERS] = None  # routers sharing a database (router.shared): set once the store is open
     app.add_routes([web.get("/health", health), *public.routes(settings.router.echo_api), *jobs.routes(),
                     *files.routes(), *discovery.routes(), *chat.routes(), *admin.routes(), *openapi.routes(), *pages.routes(), *agent_api.routes()])
     app.cleanup_ctx.append(_store(store))
@@ -122,15 +124,20 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     app[FINDER] = JobFinder(queue.live, store, app[ARCHIVE])
     retention = app[RETENTION] = Retention(store, app[ARTIFACTS], settings.router)
     outcomes = app[OUTCOMES] = Outcomes(queue, app[SESSIONS], retention, settings.router.lease_grace_s)
-    queue.recover(time.time(), settings.router.lease_grace_s, own_worker=LOCAL_WORKER)
-    tasks = [_supervised("dispatcher", dispatcher.run),
+    peers = app[PEERS] = Peers(store, settings.router, queue, app[SESSIONS], outcomes) \
+        if getattr(store, "shared", False) else None  # type: ignore[arg-type]
+    others = peers.join() if peers is not None else frozenset()
+    queue.recover(time.time(), settings.router.lease_grace_s, live_routers=others)
+    worker = f"{LOCAL_WORKER}@{app[SESSIONS].router_id}" if peers is not None else LOCAL_WORKER  # one per router
+    tasks = [*([_supervised("peers", peers.run)] if peers is not None else []),
+             _supervised("dispatcher", dispatcher.run),
              _supervised("database-lock", lambda: _keep_database(store)),
              _supervised("agent-watchdog", lambda: _watchdog(app)),
              _supervised("callbacks", callbacks.run),
              _supervised("archiver", lambda: keep_archiving(store, app[ARCHIVE], settings.router.archive_after_s,
                                                             settings.router.archive_every_s)),
              _supervised("retention", retention.run)]
-    async with local_worker(app[SESSIONS], outcomes, dispatcher, app[ARTIFACTS]):
+    async with local_worker(app[SESSIONS], outcomes, dispatcher, app[ARTIFACTS], worker):
         yield
     for task in reversed(tasks):
         task.cancel()

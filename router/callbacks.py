@@ -49,6 +49,7 @@ MAX_IN_FLIGHT = 64  # deliveries attempted at once
 LOOKUP_TIMEOUT_S = 5.0  # resolving a replyTo host at submission
 LEASE_MARGIN_S = 5.0
 RETRY_PASS_S = 1.0
+IDLE_LOOK_S = 5.0  # the outbox is looked at this often even when nothing is due
 PRUNE_EVERY_S = 3600.0
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -189,7 +190,7 @@ class CallbackSender:
                     task.cancel()
                 await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
 
-    def _start_due(self, http: aiohttp.ClientSession) -> float | None:
+    def _start_due(self, http: aiohttp.ClientSession) -> float:
         """Start what is due (up to MAX_IN_FLIGHT at once); how long until the next is due."""
         self._wake.clear()
         now = time.time()
@@ -198,15 +199,18 @@ class CallbackSender:
             self._pruned = now
         room = MAX_IN_FLIGHT - len(self._in_flight)
         for delivery in self.store.due_deliveries(now, room) if room > 0 else ():
-            # leased for the attempt's length: due again only if the router stops meanwhile
+            # leased for the attempt's length (due again only if the router stops meanwhile), by one
+            # router: routers sharing a database (router.shared) each deliver what they lease
+            until = now + self.settings.callback_timeout_s + LEASE_MARGIN_S
+            if not self.store.claim_delivery(delivery, until):
+                continue
             delivery.attempts += 1
-            delivery.next_at = now + self.settings.callback_timeout_s + LEASE_MARGIN_S
-            self.store.update_delivery(delivery)
+            delivery.next_at = until
             task = asyncio.create_task(self._attempt(http, delivery), name=f"callback-job-{delivery.job_id}")
             self._in_flight[delivery.id] = task
             task.add_done_callback(lambda _, key=delivery.id: self._attempt_ended(key))
-        next_at = self.store.next_delivery_at()
-        return max(0.0, next_at - time.time()) if next_at is not None else None
+        next_at = self.store.next_delivery_at()  # (routers sharing a database add deliveries unseen: look again soon)
+        return min(max(0.0, next_at - time.time()), IDLE_LOOK_S) if next_at is not None else IDLE_LOOK_S
 
     def _attempt_ended(self, delivery_id: int) -> None:
         self._in_flight.pop(delivery_id, None)

@@ -5,6 +5,11 @@ the scheduler (router/scheduler.py), claimed in the store and sent to the agent.
 A job that no connected agent can take (no agent has its model, none has the memory, none can run
 it; not merely all busy) waits with that reason in its status; after ``unplaceable_timeout_s`` of
 that it ends Failed with the reason, so nothing waits forever unseen (0: wait forever).
+
+Routers that share a database (router.shared) each hand jobs to their own agents; a job that only
+another router's agent can take waits for that router (the agents of all routers count for the
+reason and for whether a job can ever run). The store's conditional claim settles two routers
+reaching for the same job at once.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ class Dispatcher:
     def cannot_place(self, job: Job, now: float) -> str | None:
         """Why no connected agent could ever take this job as things stand (none runs it or has its
         model), or None: one could, now or once it has the memory or a free slot."""
-        choice = choose(_needs(job), self.sessions.views(self.queue.running_by_session(), now))
+        views = [*self.sessions.views(self.queue.running_by_session(), now), *self.sessions.peer_views()]
+        choice = choose(_needs(job), views)
         return choice.reason if isinstance(choice, Unplaceable) and choice.missing else None
 
     async def dispatch(self, now: float) -> None:
@@ -74,6 +80,7 @@ class Dispatcher:
         offers: list[tuple[AgentSession, JobOffer]] = []
         running = self.queue.running_by_session()
         views = {v.name: v for v in self.sessions.views(running, now)}
+        peers = self.sessions.peer_views()
         decided: dict[JobNeeds, AgentView | Unplaceable] = {}
         order = fair_order(self.queue.queued(), self._vtime, self.weight, new=self._clock)
         taken: set[int] = set()
@@ -86,7 +93,7 @@ class Dispatcher:
             needs = _needs(job)
             choice = decided.get(needs)
             if choice is None:
-                choice = decided[needs] = choose(needs, views.values())
+                choice = decided[needs] = _place(needs, views, peers)
             if isinstance(choice, Unplaceable):
                 self._waits(job.id, choice, now)
                 i += 1
@@ -167,6 +174,18 @@ def fair_order(jobs: Iterable[Job], served: Mapping[int | None, float],
         turn += 1
         active = [(queue, share) for queue, share in active if len(queue) > turn * share]
     return out
+
+
+def _place(needs: JobNeeds, views: Mapping[str, AgentView], peers: list[AgentView]) -> AgentView | Unplaceable:
+    """The agent here that takes a job; else why it waits, counting the agents of other routers
+    (``peers``): one of theirs that can take it is a wait for that router, not a lack of capacity."""
+    choice = choose(needs, views.values())
+    if isinstance(choice, AgentView) or not peers:
+        return choice
+    elsewhere = choose(needs, [*views.values(), *peers])
+    if isinstance(elsewhere, AgentView):
+        return Unplaceable(f"waiting for agent {elsewhere.name} (connected to another router)", busy=True)
+    return elsewhere
 
 
 def _needs(job: Job) -> JobNeeds:

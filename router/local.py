@@ -25,8 +25,8 @@ CONCURRENCY = 2
 
 @contextlib.asynccontextmanager
 async def local_worker(sessions: SessionRegistry, outcomes: Outcomes, dispatcher: Dispatcher,
-                       artifacts: ArtifactStore) -> AsyncIterator[None]:
-    """Join the registry for the lifetime of the block; its running jobs are awaited on exit."""
+                       artifacts: ArtifactStore, name: str = LOCAL_WORKER) -> AsyncIterator[None]:
+    """Join the registry (as ``name``) for the lifetime of the block; its running jobs are awaited on exit."""
     tasks: dict[int, asyncio.Task[None]] = {}
 
     async def send(message: JobOffer | StopJob | Ack) -> None:
@@ -43,7 +43,7 @@ async def local_worker(sessions: SessionRegistry, outcomes: Outcomes, dispatcher
     async def disconnect() -> None:
         return None
 
-    hello = Hello(name=LOCAL_WORKER, instance=LOCAL_WORKER, cpu_only=True,
+    hello = Hello(name=name, instance=name, cpu_only=True,
                   devices=[Device(index=-1, name="router", vram_total=0, vram_free=0)], models=[],
                   capabilities=[Capability(name=c, vram_base=0, vram_per_megapixel=0) for c in TRANSFORMS],
                   concurrency=CONCURRENCY)

@@ -36,7 +36,7 @@ class ModelBook:
         self.catalog, self.families, self.sessions = catalog, families, sessions
 
     def agents(self) -> Iterator[AgentSession]:
-        return iter(list(self.sessions.sessions.values()))
+        return iter(self.sessions.everyone())
 
     def reported(self, kind: str) -> dict[str, list[Model]]:
         """File name -> what each connected agent reported of it, for one kind."""

@@ -8,6 +8,8 @@ leases, cancels. Each decision is router/retry.py's; the change is router/queue.
   come back (a router restart, a network blip) and list them in its hello. A lease that runs out,
   or that an agent restarted without (a new process under the same name), is a lost attempt.
 - An agent's record (router/sessions.py AgentHealth) counts infrastructure failures in a row.
+- On routers that share a database, another router may end a job an agent of this one runs (a
+  cancel through it): the agent is told to stop, as for a cancel here.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Outcomes:
         if job is None:
             return
         if isinstance(message, Delta):
-            self.queue.events.notify(job.id, message)
+            self.queue.stream(job, message)
         else:
             self.queue.set_progress(job, message)
 
@@ -124,13 +126,25 @@ class Outcomes:
         """End a live job as Cancelled: a queued one is dropped, a running one is stopped on its agent
         (which answers ``interrupted``, stale by then: the job is already over)."""
         was_live, job = self.queue.cancel(job, reason)
-        holder = self.sessions.by_id(job.session) if was_live and job.attempt else None
-        if holder is not None:
-            try:
-                await holder.send(StopJob(job_id=job.id, attempt=job.attempt))
-            except (ConnectionError, RuntimeError) as exc:  # it is leaving anyway
-                log.warning("stop not sent", extra={"job": job.id, "agent": holder.name, "error": str(exc)})
+        if was_live and job.attempt:
+            await self._stop(job, job.session)
         return was_live
+
+    async def changed_elsewhere(self, job_id: int) -> None:
+        """Another router changed the job: follow it; if it ended while a session here ran it (a
+        cancel through that router), stop it there."""
+        before = self.queue.follow(job_id)
+        if before is not None and before.state == JobState.STARTED and job_id not in self.queue.live:
+            await self._stop(before, before.session)
+
+    async def _stop(self, job: Job, session: str | None) -> None:
+        holder = self.sessions.by_id(session)
+        if holder is None:
+            return
+        try:
+            await holder.send(StopJob(job_id=job.id, attempt=job.attempt))
+        except (ConnectionError, RuntimeError) as exc:  # it is leaving anyway
+            log.warning("stop not sent", extra={"job": job.id, "agent": holder.name, "error": str(exc)})
 
     def _after(self, job: Job, failure: Failure, free_vram: int) -> None:
         decision = after_failure(job, failure.kind, free_vram)

@@ -6,6 +6,10 @@ status. A restarted router reloads it: queued jobs stay queued; running jobs sta
 leases given ``lease_grace_s`` for their agents to reconnect and claim them again (wire.Hello.held),
 after which router/outcomes.py queues them again.
 
+Routers that share a database (router.shared) each keep this cache of every live job: each change
+made here is ``announce``d to the others (router/peers.py, through PostgreSQL), and a change
+another router announced is followed by reading the job again from the store (``follow``).
+
 Who decides what: router/dispatch.py picks agents and claims, router/outcomes.py turns agents'
 answers and losses into requeue/finish through router/retry.py; this module only applies them.
 """
@@ -20,16 +24,19 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gpugate.errors import FailureKind
-from gpugate.wire import Failure, Progress
+from gpugate.wire import Delta, Failure, Progress
 
 from .api.responses import status_text
 from .events import JobEvents
 from .retry import Decision
+from .sessions import is_local_worker, router_of
 from .store import Delivery, Job, JobState, Store
 
 log = logging.getLogger(__name__)
 
 CallbackFor = Callable[[Job], Delivery | None]  # the ReplyTo delivery a finished job owes, if any
+Announce = Callable[[int, Progress | Delta | None], None]  # a job changed (None) or made progress: tell other routers
+LIVE = (JobState.QUEUED, JobState.STARTED)
 
 
 class JobQueue:
@@ -43,22 +50,64 @@ class JobQueue:
         self._callback_for = callback_for or (lambda job: None)
         self._on_finished = on_finished or (lambda job: None)
         self.on_change = on_change or (lambda: None)  # wakes the dispatcher
+        self.announce: Announce = lambda job_id, event: None  # router/peers.py, on routers that share a database
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
-    def recover(self, now: float, lease_grace_s: float, own_worker: str | None = None) -> None:
+    def recover(self, now: float, lease_grace_s: float, live_routers: frozenset[str] = frozenset()) -> None:
         """Load every unfinished job. The sessions that held running jobs ended with the last router,
-        so each lease gets ``lease_grace_s`` for its agent to reconnect and take it back. Jobs the
-        router's own worker (``own_worker``) was running ended with it: they are queued again at
-        once, at no attempt's cost (the router stopping is not the job's fault)."""
+        so each lease gets ``lease_grace_s`` for its agent to reconnect and take it back. Jobs a
+        router's own worker was running ended with it: they are queued again at once, at no
+        attempt's cost (the router stopping is not the job's fault). Leases of sessions of
+        ``live_routers`` (other routers serving the same database) are theirs, and left alone."""
         for job in self.store.unfinished_jobs():
             self.live[job.id] = job
-            if job.state == JobState.STARTED and own_worker is not None and job.agent == own_worker:
+            if job.state != JobState.STARTED or router_of(job.session) in live_routers:
+                continue
+            if is_local_worker(job.agent):
                 self.requeue(job, Decision(True, charged=False))
-            elif job.state == JobState.STARTED and (job.lease_expires is None or job.lease_expires < now + lease_grace_s):
+            elif job.lease_expires is None or job.lease_expires < now + lease_grace_s:
                 job.lease_expires = now + lease_grace_s
-                self.store.set_lease_expiry(job, job.lease_expires)
+                if self.store.set_lease_expiry(job, job.lease_expires):
+                    self.announce(job.id, None)
         log.info("queue recovered", extra={"jobs": len(self.live)})
+        self.on_change()
+
+    def follow(self, job_id: int) -> Job | None:
+        """Another router changed this job (or queued it): the cache follows the store. The job as
+        cached before (None if it was not), so the caller can see what it was."""
+        stored = self.store.get_job(job_id)
+        cached = self.live.get(job_id)
+        if cached is None:
+            if stored is not None and stored.state in LIVE:
+                self.live[job_id] = stored
+                self.on_change()
+            return None
+        before = dataclasses.replace(cached)
+        if stored is None:
+            self.live.pop(job_id, None)
+            return before
+        _update(cached, stored)
+        if stored.state not in LIVE:
+            self._ended(cached, here=False)
+        elif (stored.state, stored.attempt) != (before.state, before.attempt):
+            if stored.state == JobState.QUEUED:
+                self.progress.pop(job_id, None)
+            else:
+                self.waiting_reason.pop(job_id, None)
+            self.on_change()
+        return before
+
+    def resync(self) -> None:
+        """Read every live job again (after this router may have missed other routers' news)."""
+        stored = {job.id: job for job in self.store.unfinished_jobs()}
+        for job_id in [*self.live, *stored]:
+            if job_id in stored and job_id in self.live:
+                _update(self.live[job_id], stored[job_id])
+            elif job_id in stored:
+                self.live[job_id] = stored[job_id]
+            elif job_id in self.live:
+                self.follow(job_id)
         self.on_change()
 
     # ---- clients -------------------------------------------------------------------------------
@@ -67,6 +116,7 @@ class JobQueue:
         job.created = time.time()
         self.store.add_job(job)
         self.live[job.id] = job
+        self.announce(job.id, None)
         log.info("job queued", extra={"job": job.id, "api": job.api})
         self.on_change()
         return job
@@ -95,6 +145,9 @@ class JobQueue:
     def queued(self) -> list[Job]:
         return [j for j in self.live.values() if j.state == JobState.QUEUED]
 
+    def running(self) -> list[Job]:
+        return [j for j in self.live.values() if j.state == JobState.STARTED]
+
     def running_by_session(self) -> Counter[str]:
         return Counter(j.session for j in self.live.values() if j.state == JobState.STARTED and j.session)
 
@@ -108,6 +161,7 @@ class JobQueue:
         job.attempt += 1
         job.started = now
         self.waiting_reason.pop(job.id, None)
+        self.announce(job.id, None)
         return True
 
     def held(self, session: str, job_id: int, attempt: int) -> Job | None:
@@ -121,9 +175,18 @@ class JobQueue:
         wanted = set(sessions)
         return [j for j in self.live.values() if j.state == JobState.STARTED and j.session in wanted]
 
-    def set_progress(self, job: Job, progress: Progress) -> None:
+    def set_progress(self, job: Job, progress: Progress, here: bool = True) -> None:
+        """A running job's progress: for its status and its watchers (and other routers' if ``here``)."""
         self.progress[job.id] = progress
         self.events.notify(job.id, progress)
+        if here:
+            self.announce(job.id, progress)
+
+    def stream(self, job: Job, delta: Delta, here: bool = True) -> None:
+        """Text a running job produced: to its watchers (and other routers' if ``here``)."""
+        self.events.notify(job.id, delta)
+        if here:
+            self.announce(job.id, delta)
 
     def requeue(self, job: Job, decision: Decision) -> None:
         """Queue a running job again, as the retry policy decided."""
@@ -135,6 +198,7 @@ class JobQueue:
             return
         _update(job, again, state=JobState.QUEUED, agent=None, session=None, lease_expires=None)
         self.progress.pop(job.id, None)
+        self.announce(job.id, None)
         log.info("job queued again", extra={"job": job.id, "attempt": job.attempt, "failures": job.failures})
         self.on_change()
 
@@ -148,14 +212,17 @@ class JobQueue:
             self._reload(job)
             return
         _update(job, ended)
+        self.announce(job.id, None)
         self._ended(job)
 
-    def _ended(self, job: Job) -> None:
+    def _ended(self, job: Job, here: bool = True) -> None:
+        """The job is over (``here``: by this router, which counts it in its metrics)."""
         self.live.pop(job.id, None)
         self.progress.pop(job.id, None)
         self.waiting_reason.pop(job.id, None)
         self.events.notify(job.id, job)
-        self._on_finished(job)
+        if here:
+            self._on_finished(job)
         log.info("job finished", extra={"job": job.id, "state": job.state, "agent": job.agent})
         self.on_change()
 
@@ -167,22 +234,27 @@ class JobQueue:
             self.live.pop(job.id, None)
             return
         _update(job, stored)
-        if stored.state not in (JobState.QUEUED, JobState.STARTED):
-            self._ended(job)
+        if stored.state not in LIVE:
+            self._ended(job, here=False)
 
     def move_lease(self, job: Job, session: str) -> bool:
         """The agent holding ``job`` came back as ``session``: its lease goes along."""
         if not self.store.move_lease(job, session):
             return False
         job.session, job.lease_expires = session, None
+        self.announce(job.id, None)
         return True
 
     def start_lease_clock(self, session: str, expires: float) -> int:
         """``session`` is gone: its leases expire at ``expires`` unless its agent comes back."""
-        jobs = self.leases_of([session])
+        return self.start_lease_clocks(self.leases_of([session]), expires)
+
+    def start_lease_clocks(self, jobs: list[Job], expires: float | None) -> int:
+        """Set the given leases' expiry (None: their session is here after all)."""
         for job in jobs:
             if self.store.set_lease_expiry(job, expires):
                 job.lease_expires = expires
+                self.announce(job.id, None)
         return len(jobs)
 
     def expired_leases(self, now: float) -> list[Job]:

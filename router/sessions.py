@@ -14,6 +14,12 @@ Names: one live session per agent name. A connection under a name already connec
 Refusing rather than replacing keeps two live agents from evicting each other in turn and
 re-queuing each other's jobs at every reconnect. The router's own worker's name is reserved.
 
+Routers that share a database (router.shared, router/peers.py) see each other's agents as
+``peers``: sessions of other routers, rebuilt from the reports those routers keep in the store.
+They count for what a router says (which models exist, why a job waits, whether it can ever run)
+but are never sent anything. Session ids start with their router's id, so a router that dies
+leaves leases that name it.
+
 An agent that fails several jobs in a row for infrastructure reasons (its engine lost, disk full)
 is paused for a while (``AgentHealth``): a broken agent fails jobs fastest and would otherwise
 drain the queue. The record is kept by name, so a reconnect does not clear it.
@@ -21,12 +27,14 @@ drain the queue. The record is kept by name, so a reconnect does not clear it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpugate.errors import FailureKind
 from gpugate.wire import Ack, Capability, Device, Heartbeat, Hello, JobOffer, Model, StopJob
@@ -35,7 +43,6 @@ from .retry import AGENT_FAULTS
 from .scheduler import AgentView, model_memory
 
 LOCAL_WORKER = "router"  # the router's own worker (router/local.py) joins under this name
-RESERVED_NAMES = frozenset({LOCAL_WORKER})
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 Send = Callable[[JobOffer | StopJob | Ack], Awaitable[None]]
 Disconnect = Callable[[], Awaitable[object]]
@@ -43,6 +50,20 @@ Disconnect = Callable[[], Awaitable[object]]
 
 class Refusal(Exception):
     """A connection the registry will not take; the message says why, for the agent's log."""
+
+
+def is_local_worker(name: str | None) -> bool:
+    """Whether ``name`` is a router's own worker: "router" (or "router@<router id>" on routers that share a database)."""
+    return name is not None and (name == LOCAL_WORKER or name.startswith(f"{LOCAL_WORKER}@"))
+
+
+def router_of(session_id: str | None) -> str | None:
+    """The id of the router a session belongs to (session ids are "<router id>.<random>")."""
+    return session_id.split(".", 1)[0] if session_id and "." in session_id else None
+
+
+async def _elsewhere(*_: object) -> None:
+    raise ConnectionError("the agent is connected to another router")
 
 
 @dataclass
@@ -75,6 +96,25 @@ class AgentSession:
             self.models = beat.models
         if beat.capabilities is not None:
             self.capabilities = {c.name: c for c in beat.capabilities}
+
+    def report(self, running: int) -> str:
+        """What other routers know of this session (router/peers.py): JSON, read by ``of_report``."""
+        return json.dumps({"name": self.name, "instance": self.instance, "session": self.id, "cpu_only": self.cpu_only,
+                           "devices": [d.model_dump() for d in self.devices], "models": [m.model_dump() for m in self.models],
+                           "capabilities": [c.model_dump() for c in self.capabilities.values()],
+                           "concurrency": self.concurrency, "loaded": sorted(self.loaded), "slots": self.slots,
+                           "pools": self.pools, "draining": self.draining, "connected": self.connected, "running": running},
+                          separators=(",", ":"))
+
+    @classmethod
+    def of_report(cls, report: str) -> tuple[AgentSession, int]:
+        """Another router's session as it reported it, and its running jobs; it can be sent nothing."""
+        r: dict[str, Any] = json.loads(report)
+        session = cls(r["session"], r["name"], r["instance"], _elsewhere, _elsewhere, r["cpu_only"],
+                      [Device.model_validate(d) for d in r["devices"]], [Model.model_validate(m) for m in r["models"]],
+                      {c["name"]: Capability.model_validate(c) for c in r["capabilities"]}, r["concurrency"],
+                      set(r["loaded"]), r["slots"], r["pools"], r["draining"], r["connected"], math.inf)
+        return session, r["running"]
 
     def view(self, running: int, paused: str | None) -> AgentView:
         return AgentView(self.name, self.capabilities, {(m.kind, m.name): model_memory(m.size, m.vram) for m in self.models},
@@ -116,8 +156,11 @@ ONE_INCIDENT_S = 5.0  # jobs that were running together and failed this soon aft
 
 
 class SessionRegistry:
-    def __init__(self, failure_limit: int = 3, pause_s: float = 60.0) -> None:
-        self.sessions: dict[str, AgentSession] = {}  # agent name -> its live session
+    def __init__(self, failure_limit: int = 3, pause_s: float = 60.0, router_id: str | None = None) -> None:
+        self.router_id = router_id or secrets.token_hex(4)  # the prefix of this router's session ids
+        self.sessions: dict[str, AgentSession] = {}  # agent name -> its live session (on this router)
+        # agent name -> (its session on another router sharing the database, its running jobs): router/peers.py
+        self.peers: dict[str, tuple[AgentSession, int]] = {}
         self.health: dict[str, AgentHealth] = {}  # agent name -> its record (outlives sessions)
         # workflow name -> its declaration as last reported: outlives a ComfyUI restart (which withdraws
         # the workflows for a while) and the agent's absence, so calls for it queue meanwhile
@@ -133,14 +176,14 @@ class SessionRegistry:
         if not NAME.match(name):
             raise Refusal(f"agent name {name!r} is not allowed: use letters, digits, '.', '_', '@' and '-' "
                           "(at most 128), starting with a letter or digit; set agent.name")
-        if name in RESERVED_NAMES and not local:
+        if is_local_worker(name) and not local:
             raise Refusal(f"agent name {name!r} is reserved for the router's own worker; set agent.name")
         older = self.sessions.get(name)
         if older is not None and older.instance != hello.instance:
             since = time.strftime("%H:%M:%S UTC", time.gmtime(older.connected))
             raise Refusal(f"an agent named {name!r} is already connected (since {since}); each agent needs its "
                           "own name: set agent.name (or GPUGATE_AGENT__NAME). Retrying in case it is leaving.")
-        session = AgentSession(secrets.token_hex(12), name, hello.instance, send, disconnect, hello.cpu_only,
+        session = AgentSession(f"{self.router_id}.{secrets.token_hex(12)}", name, hello.instance, send, disconnect, hello.cpu_only,
                                hello.devices, hello.models, {c.name: c for c in hello.capabilities}, hello.concurrency)
         if older is not None:
             self._by_id.pop(older.id, None)
@@ -169,12 +212,24 @@ class SessionRegistry:
         return self._by_id.get(session_id or "")
 
     def remote(self) -> list[AgentSession]:
-        """The agents on other processes (every one but the router's own worker)."""
-        return [s for name, s in self.sessions.items() if name != LOCAL_WORKER]
+        """The agents on other processes connected here (every one but the router's own worker)."""
+        return [s for name, s in self.sessions.items() if not is_local_worker(name)]
+
+    def everyone(self) -> list[AgentSession]:
+        """Every agent connected to any router of this database: these and the peers."""
+        return [*self.sessions.values(), *self.elsewhere()]
+
+    def elsewhere(self) -> list[AgentSession]:
+        """The agents connected to the other routers of this database."""
+        return [s for name, (s, _) in self.peers.items() if name not in self.sessions]
 
     def views(self, running: Mapping[str, int], now: float) -> list[AgentView]:
         """What the scheduler sees: each session with its running jobs (by session id) and pause."""
         return [s.view(running.get(s.id, 0), self.paused(s.name, now)) for s in self.sessions.values()]
+
+    def peer_views(self) -> list[AgentView]:
+        """The agents of the other routers, as they last reported (never offered a job from here)."""
+        return [s.view(running, None) for name, (s, running) in self.peers.items() if name not in self.sessions]
 
     def paused(self, name: str, now: float) -> str | None:
         health = self.health.get(name)

@@ -16,6 +16,7 @@ from .lookup import JobFinder
 from .metrics import Metrics
 from .models import ModelBook
 from .outcomes import Outcomes
+from .peers import Peers
 from .queue import JobQueue
 from .retention import Retention
 from .sessions import SessionRegistry
@@ -38,7 +39,8 @@ CALLBACKS = web.AppKey("callbacks", CallbackSender)
 METRICS = web.AppKey("metrics", Metrics)
 SIGNER = web.AppKey("signer", UrlSigner)
 LIMITER = web.AppKey("limiter", KeyLimiter)
+PEERS = web.AppKey[Peers | None]("peers")  # None unless routers share the database (router.shared)
 KEY = web.RequestKey("key", Key | None)  # the caller's API key (None for agents)
 
 __all__ = ["SETTINGS", "STORE", "QUEUE", "FINDER", "SESSIONS", "DISPATCHER", "OUTCOMES", "ARTIFACTS", "RETENTION",
-           "CATALOG", "MODELS", "ARCHIVE", "CALLBACKS", "METRICS", "SIGNER", "LIMITER", "KEY", "Key"]
+           "CATALOG", "MODELS", "ARCHIVE", "CALLBACKS", "METRICS", "SIGNER", "LIMITER", "PEERS", "KEY", "Key"]

@@ -64,6 +64,52 @@ class Router:
             await asyncio.sleep(0.2)
 
 
+class RouterProcess:
+    """A `gpugate router` process on PostgreSQL (``database``) with its data in ``data`` (routers
+    given the same folder share it, as they would a volume); ``env``: more settings. Stopped by PID."""
+
+    def __init__(self, data: Path, database: str, **env: str) -> None:
+        self.port = free_port("127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "GPUGATE_PATHS__DATA_DIR": str(data), "GPUGATE_ROUTER__PORT": str(self.port),
+                    "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__DATABASE_URL": database,
+                    "GPUGATE_ROUTER__SYNC_TIMEOUT_S": "60", "GPUGATE_ROUTER__LEASE_GRACE_S": "60", **env}
+        log = open(data.parent / f"router-{self.port}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpugate.cli", "router"], cwd=PROJECT_ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    async def healthy(self) -> bool:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"{self.url}/health",
+                                                                 timeout=aiohttp.ClientTimeout(total=2)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self.healthy():
+            assert self.proc.poll() is None, f"router on {self.port} exited with {self.proc.returncode}"
+            assert time.monotonic() < deadline, f"router on {self.port} never answered"
+            await asyncio.sleep(0.2)
+
+    def new_key(self, name: str) -> str:
+        """A new API key in this router's database (`gpugate keys create`)."""
+        made = subprocess.run([sys.executable, "-m", "gpugate.cli", "keys", "create", "--name", name], cwd=PROJECT_ROOT,
+                              env=self.env, capture_output=True, text=True, check=True)
+        return made.stdout.strip().rsplit(" ", 1)[-1]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class Agents:
     """`gpugate agent` processes, stopped by PID at the end."""
 
@@ -117,6 +163,15 @@ async def call(router: Router, key: str | None, api: str,
     async with aiohttp.ClientSession() as http:
         kwargs = {"json": body} if isinstance(body, dict) else {"data": body}
         async with http.post(f"{router.url}/api/{api}", headers=headers, **kwargs) as r:
+            answer = await r.json()
+            assert r.status == status, answer
+            return answer
+
+
+async def api_call(url: str, key: str, api: str, body: dict[str, Any], status: int = 200) -> dict[str, Any]:
+    """POST /api/{api} to the router at ``url`` (a RouterProcess's) with JSON."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        async with http.post(f"{url}/api/{api}", json=body) as r:
             answer = await r.json()
             assert r.status == status, answer
             return answer

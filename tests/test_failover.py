@@ -6,64 +6,21 @@ every accepted job completes; status through the new router."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from agent.chat.build import server_binary
-from agent.comfy.launch import free_port
-from gpugate.settings import PROJECT_ROOT, load_settings
-from tests.services import TOKEN, Agents
+from gpugate.settings import load_settings
+from tests.services import Agents, RouterProcess, api_call
 
 pytestmark = pytest.mark.skipif(not server_binary(load_settings(environ={})).exists(),
                                 reason="llama-server is not built: run `gpugate llm provision` (make install does)")
 LONG = "Count from 1 to 300, writing every number in words, separated by commas."
-
-
-class RouterProcess:
-    def __init__(self, data: Path, database: str, standby: bool) -> None:
-        self.port = free_port("127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "GPUGATE_PATHS__DATA_DIR": str(data), "GPUGATE_ROUTER__PORT": str(self.port),
-                    "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__DATABASE_URL": database,
-                    "GPUGATE_ROUTER__STANDBY": "true" if standby else "false", "GPUGATE_ROUTER__SYNC_TIMEOUT_S": "60",
-                    "GPUGATE_ROUTER__LEASE_GRACE_S": "60"}
-        log = open(data.parent / f"router-{self.port}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpugate.cli", "router"], cwd=PROJECT_ROOT, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-
-    async def healthy(self) -> bool:
-        try:
-            async with aiohttp.ClientSession() as http, http.get(f"{self.url}/health",
-                                                                 timeout=aiohttp.ClientTimeout(total=2)) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    async def wait_healthy(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not await self.healthy():
-            assert self.proc.poll() is None, f"router on {self.port} exited with {self.proc.returncode}"
-            assert time.monotonic() < deadline, f"router on {self.port} never answered"
-            await asyncio.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture
@@ -71,23 +28,15 @@ def routers(postgres: Any, tmp_path: Path) -> Iterator[tuple[RouterProcess, Rout
     database = postgres.new_database()
     shared = tmp_path / "data"  # one data folder: the file store and the secrets, as on a shared volume
     shared.mkdir()
-    active = RouterProcess(shared, database, standby=False)
+    active = RouterProcess(shared, database, GPUGATE_ROUTER__STANDBY="false")
     routers = [active]
     try:
         asyncio.run(active.wait_healthy())  # first: then the standby finds the database taken
-        routers.append(standby := RouterProcess(shared, database, standby=True))
+        routers.append(standby := RouterProcess(shared, database, GPUGATE_ROUTER__STANDBY="true"))
         yield active, standby
     finally:
         for router in routers:
             router.stop()
-
-
-async def _call(url: str, key: str, api: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-        async with http.post(f"{url}/api/{api}", json=body) as r:
-            answer = await r.json()
-            assert r.status == 200, answer
-            return answer
 
 
 async def test_a_standby_router_takes_over_and_every_job_completes(
@@ -95,18 +44,16 @@ async def test_a_standby_router_takes_over_and_every_job_completes(
     active, standby = routers
     await asyncio.sleep(1.0)
     assert not await standby.healthy(), "the standby does not serve while the active router holds the database"
-    made = subprocess.run([sys.executable, "-m", "gpugate.cli", "keys", "create", "--name", "failover"], cwd=PROJECT_ROOT,
-                          env=active.env, capture_output=True, text=True, check=True)
-    key = made.stdout.strip().rsplit(" ", 1)[-1]
+    key = active.new_key("failover")
     agents = Agents(tmp_path / "agents", f"{active.url},{standby.url}")
     agents.start("talker", 4.0, [], GPUGATE_AGENT__RUNNERS='["chat"]', GPUGATE_CHAT__PARALLEL="2",
                  GPUGATE_CHAT__CONTEXT="1024")
     try:
         request = {"model": "smollm2", "max_tokens": 250, "temperature": 0, "messages": [{"role": "user", "content": LONG}]}
-        jobs = [await _call(active.url, key, "QueueOpenAiChatCompletion", {"refId": f"fo-{n}", "request": request})
+        jobs = [await api_call(active.url, key, "QueueOpenAiChatCompletion", {"refId": f"fo-{n}", "request": request})
                 for n in range(3)]  # two run at once, one waits
         deadline = time.monotonic() + 120
-        while (await _call(active.url, key, "GetOpenAiChatStatus", {"jobId": jobs[0]["id"]}))["jobState"] != "Started":
+        while (await api_call(active.url, key, "GetOpenAiChatStatus", {"jobId": jobs[0]["id"]}))["jobState"] != "Started":
             assert time.monotonic() < deadline, "the first chat never started"
             await asyncio.sleep(0.1)
         active.proc.send_signal(signal.SIGKILL)  # the active router dies mid-chat
@@ -114,13 +61,13 @@ async def test_a_standby_router_takes_over_and_every_job_completes(
         await standby.wait_healthy()
         for job in jobs:
             deadline = time.monotonic() + 180
-            while (status := await _call(standby.url, key, "GetOpenAiChatStatus", {"jobId": job["id"]}))["jobState"] \
+            while (status := await api_call(standby.url, key, "GetOpenAiChatStatus", {"jobId": job["id"]}))["jobState"] \
                     not in ("Completed", "Failed", "Cancelled"):
                 assert time.monotonic() < deadline, f"job {job['id']} never finished: {status}"
                 await asyncio.sleep(0.2)
             assert status["jobState"] == "Completed", status
             assert status["result"]["usage"]["completion_tokens"] == 250
-        found = await _call(standby.url, key, "QueryJobs", {})
+        found = await api_call(standby.url, key, "QueryJobs", {})
         assert {j["refId"] for j in found["jobs"]} == {"fo-0", "fo-1", "fo-2"}
         assert all(j["agent"] == "talker" for j in found["jobs"])
     finally:

@@ -92,7 +92,7 @@ def test_one_router_per_database_and_a_newer_schema_is_refused(router: Router, d
     from gpugate.errors import ConfigError
 
     with pytest.raises(ConfigError, match="another router uses this database"):
-        PostgresStore(database, exclusive=True)  # the module's router holds it
+        PostgresStore(database, hold="exclusive")  # the module's router holds it
     newer = postgres.new_database()
     PostgresStore(newer).close()
     with psycopg.connect(newer, autocommit=True) as db:

@@ -220,7 +220,7 @@ async def test_after_a_router_restart_its_own_workers_jobs_run_again_at_no_attem
 
     restarted = fleet.reopen()  # the router (and its worker) stopped mid-job
     queue = JobQueue(restarted, JobEvents())
-    queue.recover(time.time(), GRACE, own_worker=LOCAL_WORKER)
+    queue.recover(time.time(), GRACE)
     again = queue.live[mine.id]
     assert again.state == JobState.QUEUED and again.failures == 0 and again.agent is None
     assert queue.live[theirs.id].state == JobState.STARTED, "an agent's job waits for its agent to come back"

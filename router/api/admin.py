@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..keys import create_key
+from ..sessions import router_of
 from ..state import CALLBACKS, FINDER, KEY, METRICS, QUEUE, RETENTION, SESSIONS, STORE
 from ..store import JobQuery, JobState, Key, KeyLimits
 from .errors import ApiError
@@ -113,10 +114,12 @@ async def _dashboard(request: web.Request) -> Dashboard:
         if job.state == JobState.QUEUED:
             waiting[job.api] = waiting.get(job.api, 0) + 1
     sessions, now = app[SESSIONS], time.time()
+    here = {a.id for a in sessions.remote()}
     agents = [AgentInfo(name=a.name, cpu_only=a.cpu_only, devices=[DeviceInfo.model_validate(d.model_dump()) for d in a.devices],
                         loaded=sorted(a.loaded), running=sorted(j.id for j in queue.leases_of([a.id])),
                         capabilities=sorted(a.capabilities), models=len(a.models), paused=sessions.paused(a.name, now),
-                        draining=a.draining) for a in sessions.remote()]
+                        draining=a.draining, router=None if a.id in here else router_of(a.id))
+              for a in sorted(sessions.remote() + sessions.elsewhere(), key=lambda a: a.name)]
     problem, found = app[RETENTION].disk_problem(), links(request)
     return Dashboard(agents=agents, queue=waiting, running=sum(j.state == JobState.STARTED for j in live),
                      recent=[JobSummary.of(j, found) for j in await app[FINDER].find(JobQuery(limit=20))],

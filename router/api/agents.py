@@ -23,7 +23,7 @@ from gpugate.wire import (
 )
 
 from ..sessions import Refusal
-from ..state import ARTIFACTS, DISPATCHER, OUTCOMES, SESSIONS, SETTINGS
+from ..state import ARTIFACTS, DISPATCHER, OUTCOMES, PEERS, SESSIONS, SETTINGS
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,13 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
     async def send(message: JobOffer | StopJob | Ack) -> None:
         await ws.send_str(message.model_dump_json())
 
+    peers = app[PEERS]
     try:
         session, replaced = app[SESSIONS].join(hello, send, ws.close)
+        if peers is not None and not await peers.admit(session):
+            app[SESSIONS].leave(session)
+            raise Refusal(f"an agent named {hello.name!r} is connected to another router of this database; each agent "
+                          "needs its own name: set agent.name (or GPUGATE_AGENT__NAME). Retrying in case it is leaving.")
     except Refusal as exc:
         log.warning("agent refused", extra={"agent": hello.name, "error": str(exc)})
         await _refuse(ws, str(exc), CLOSE_REFUSED)
@@ -102,6 +107,8 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
             log.warning("agent left", extra={"agent": session.name, "session": session.id})
         outcomes.session_closed(session)
         dispatcher.wake()
+        if peers is not None:
+            await peers.left(session)
     return ws
 
 

@@ -212,6 +212,7 @@ class AgentInfo(_Response):
     models: int
     paused: str | None = None  # why it takes no jobs for now (infrastructure failures in a row)
     draining: bool = False  # shutting down: finishing its jobs, taking no more
+    router: str | None = None  # routers sharing a database: the id of the one it is connected to (None: this one)
 
 
 class Dashboard(_Response):

@@ -19,10 +19,16 @@ def open_store(settings: Settings, router: bool = False, give_up: threading.Even
     if settings.router.standby and not settings.router.database_url:
         raise ConfigError("router.standby needs router.database_url: a standby waits on the PostgreSQL it shares "
                           "with the active router")
+    if settings.router.shared and not settings.router.database_url:
+        raise ConfigError("router.shared needs router.database_url: routers share the work through one PostgreSQL")
+    if settings.router.shared and settings.router.standby:
+        raise ConfigError("router.shared and router.standby exclude each other: shared routers all serve at once; "
+                          "a standby waits for the one router of its database")
     if settings.router.database_url:
         from .postgres import PostgresStore  # psycopg is needed only then
 
-        return PostgresStore(settings.router.database_url, exclusive=router, standby=router and settings.router.standby,
+        hold = None if not router else "shared" if settings.router.shared else "exclusive"
+        return PostgresStore(settings.router.database_url, hold=hold, standby=router and settings.router.standby,
                              give_up=give_up)
     return SqliteStore(settings.router_db)
 

@@ -33,12 +33,12 @@ from . import Delivery, DuplicateRefId, Job, JobQuery, JobState, Key, KeyLimits,
 from .sqlite import _DELIVERY_COLUMNS, JOB_COLUMNS, encode, inputs_of, job_of, outputs_of
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 POOL_SIZE = 4
 ARCHIVE_POOL_SIZE = 2
 CONNECT_TIMEOUT_S = 30.0
-STATEMENT_TIMEOUT_S = 30.0
-STANDBY_POLL_S = 0.5  # a standby router asks this often whether the active one is gone  # a statement that runs longer (a stuck lock) fails instead of stalling the router
+STATEMENT_TIMEOUT_S = 30.0  # a statement that runs longer (a stuck lock) fails instead of stalling the router
+STANDBY_POLL_S = 0.5  # a standby router asks this often whether the active one is gone
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -80,11 +80,18 @@ CREATE INDEX IF NOT EXISTS archived_jobs_id ON archived_jobs (id);
 CREATE INDEX IF NOT EXISTS archived_jobs_ref_id ON archived_jobs (ref_id, key_id);
 CREATE INDEX IF NOT EXISTS archived_jobs_tag ON archived_jobs (tag);
 CREATE INDEX IF NOT EXISTS archived_jobs_key ON archived_jobs (key_id, created);
+""" + """
+CREATE TABLE IF NOT EXISTS routers (id TEXT PRIMARY KEY, url TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
+                                    seen DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS agent_reports (
+    name TEXT PRIMARY KEY, instance TEXT NOT NULL, session TEXT NOT NULL, router TEXT NOT NULL, report TEXT NOT NULL,
+    seen DOUBLE PRECISION NOT NULL
+);
 """
 # version -> what brings the previous version's schema to it; a new column goes into both jobs and
 # archived_jobs (ALTER TABLE ... ADD COLUMN IF NOT EXISTS), and into SCHEMA for new databases
-MIGRATIONS: dict[int, str] = {}
-ROUTER_LOCK = 4241  # held by the one router that uses a database (several routers come later)
+MIGRATIONS: dict[int, str] = {2: SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS routers"):]}
+ROUTER_LOCK = 4241  # exclusively by the one router of a database, or shared by routers with router.shared
 SCHEMA_LOCK = 4242
 PARTITION_LOCK = 4243
 
@@ -99,24 +106,31 @@ def connection_pool(url: str, size: int, name: str) -> ConnectionPool:
 
 
 class PostgresStore:
-    """``exclusive``: this is a router's store, and the only router's on this database (the lock
-    is held on a connection of its own until ``close``, and goes with it if the router dies); the
-    command line opens it without. ``standby``: wait for the lock (for the active router to die)
-    instead of refusing."""
+    """``hold``: this is a router's store. "exclusive": the only router's on this database (the lock
+    is held on a connection of its own until ``close``, and goes with it if the router dies);
+    "shared": one of several routers that serve it at once (router.shared), which every router of
+    the database must be. The command line opens it without. ``standby``: wait for the exclusive
+    lock (for the active router to die) instead of refusing."""
 
-    def __init__(self, url: str, pool_size: int = POOL_SIZE, exclusive: bool = False, standby: bool = False,
+    def __init__(self, url: str, pool_size: int = POOL_SIZE, hold: str | None = None, standby: bool = False,
                  give_up: threading.Event | None = None) -> None:
         self.url = url
+        self.shared = hold == "shared"
         self._lock: psycopg.Connection[Any] | None = None
-        if exclusive:
+        if hold is not None:
             self._lock = psycopg.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S))
             waited = False
-            while not self._lock.execute("SELECT pg_try_advisory_lock(%s)", (ROUTER_LOCK,)).fetchone()[0]:  # type: ignore[index]
+            take = "pg_try_advisory_lock_shared" if self.shared else "pg_try_advisory_lock"
+            while not self._lock.execute(f"SELECT {take}(%s)", (ROUTER_LOCK,)).fetchone()[0]:  # type: ignore[index]
+                if self.shared:
+                    self._lock.close()
+                    raise ConfigError("a router without router.shared serves this database (router.database_url): "
+                                      "every router of a database must set router.shared = true to serve it at once")
                 if not standby:
                     self._lock.close()
-                    raise ConfigError("another router uses this database (router.database_url): one router per "
-                                      "database for now; start this one with router.standby = true to take over "
-                                      "when it stops")
+                    raise ConfigError("another router uses this database (router.database_url): set router.shared = "
+                                      "true on every router to serve it together, or start this one with "
+                                      "router.standby = true to take over when it stops")
                 if not waited:
                     log.info("standby: another router is active on this database; taking over when it stops")
                     waited = True
@@ -132,8 +146,9 @@ class PostgresStore:
 
     def holds_lock(self) -> bool:
         """Whether this router still holds its database (its lock's connection is alive). If the
-        connection broke, a standby may have taken over: this router must stop serving."""
-        if self._lock is None:
+        connection broke, a standby may have taken over: this router must stop serving. (Shared
+        routers serve together anyway: losing the shared lock changes nothing.)"""
+        if self._lock is None or self.shared:
             return True
         try:
             self._lock.execute("SELECT 1")
@@ -163,6 +178,8 @@ class PostgresStore:
     def close(self) -> None:
         self.pool.close()
         if self._lock is not None:
+            with contextlib.suppress(psycopg.Error):  # now, not when the server notices the connection gone
+                self._lock.execute("SELECT pg_advisory_unlock_all()")
             self._lock.close()
             self._lock = None
 
@@ -321,6 +338,11 @@ class PostgresStore:
         row = self._one("SELECT min(next_at) AS next_at FROM deliveries WHERE state = 'pending'")
         return row["next_at"] if row else None
 
+    def claim_delivery(self, delivery: Delivery, until: float) -> bool:
+        """Lease a due delivery for one attempt (until ``until``); False if another router took it."""
+        return self._changed("UPDATE deliveries SET attempts = attempts + 1, next_at = %s WHERE id = %s AND attempts = %s "
+                             "AND state = 'pending'", (until, delivery.id, delivery.attempts)) == 1
+
     def update_delivery(self, delivery: Delivery) -> None:
         self._changed("UPDATE deliveries SET attempts = %s, next_at = %s, state = %s, last_error = %s WHERE id = %s",
                       (delivery.attempts, delivery.next_at, delivery.state, delivery.last_error, delivery.id))
@@ -356,6 +378,50 @@ class PostgresStore:
 
     def revoke_key(self, key_id: int) -> bool:
         return self._changed("UPDATE api_keys SET revoked = TRUE WHERE id = %s AND NOT revoked", (key_id,)) == 1
+
+    # ---- routers that share the database (router.shared, router/peers.py) ------------------------
+
+    def router_seen(self, router: str, url: str, now: float) -> None:
+        self._changed("INSERT INTO routers (id, url, started, seen) VALUES (%s, %s, %s, %s) "
+                      "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen", (router, url, now, now))
+
+    def routers(self) -> dict[str, float]:
+        """Every router on record: id -> when it was last seen."""
+        return {r["id"]: r["seen"] for r in self._all("SELECT id, seen FROM routers")}
+
+    def forget_router(self, router: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM agent_reports WHERE router = %s", (router,))
+            db.execute("DELETE FROM routers WHERE id = %s", (router,))
+
+    def admit_agent(self, name: str, instance: str, session: str, router: str, report: str, now: float,
+                    stale_before: float) -> bool:
+        """Record ``session`` as the one live session of agent ``name``, across routers; False if
+        another instance of that name is connected (to any router) and was heard since ``stale_before``."""
+        return self._changed(
+            "INSERT INTO agent_reports (name, instance, session, router, report, seen) VALUES (%s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, session = excluded.session, "
+            "router = excluded.router, report = excluded.report, seen = excluded.seen "
+            "WHERE agent_reports.instance = excluded.instance OR agent_reports.seen < %s",
+            (name, instance, session, router, report, now, stale_before)) == 1
+
+    def report_agents(self, router: str, reports: dict[str, tuple[str, str, str]], now: float) -> None:
+        """Fresh reports of this router's sessions (session id -> agent name, instance, report),
+        written back if the agent's row is still that session's (or was forgotten meanwhile: this
+        router was silent too long); a name another session took meanwhile is left to it."""
+        if reports:
+            with self._db() as db, db.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO agent_reports (name, instance, session, router, report, seen) VALUES (%s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (name) DO UPDATE SET report = excluded.report, seen = excluded.seen "
+                    "WHERE agent_reports.session = excluded.session",
+                    [(name, instance, session, router, report, now) for session, (name, instance, report) in reports.items()])
+
+    def agent_left(self, session: str) -> None:
+        self._changed("DELETE FROM agent_reports WHERE session = %s", (session,))
+
+    def agent_reports(self, heard_since: float) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM agent_reports WHERE seen >= %s", (heard_since,))
 
 
 def find_jobs(db: psycopg.Connection[dict[str, Any]], table: str, query: JobQuery) -> list[Job]:

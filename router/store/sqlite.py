@@ -235,6 +235,11 @@ class SqliteStore:
     def next_delivery_at(self) -> float | None:
         return self._db.execute("SELECT min(next_at) FROM deliveries WHERE state = 'pending'").fetchone()[0]
 
+    def claim_delivery(self, delivery: Delivery, until: float) -> bool:
+        """Lease a due delivery for one attempt (until ``until``); False if it was taken meanwhile."""
+        return self._db.execute("UPDATE deliveries SET attempts = attempts + 1, next_at = ? WHERE id = ? AND attempts = ? "
+                                "AND state = 'pending'", (until, delivery.id, delivery.attempts)).rowcount == 1
+
     def update_delivery(self, delivery: Delivery) -> None:
         self._db.execute("UPDATE deliveries SET attempts = ?, next_at = ?, state = ?, last_error = ? WHERE id = ?",
                          (delivery.attempts, delivery.next_at, delivery.state, delivery.last_error, delivery.id))

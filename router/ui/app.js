@@ -148,7 +148,8 @@ function agentCard(agent) {
     el("h2", { text: agent.name }), state, ...devices,
     el("div", { class: "muted", text: `loaded: ${agent.loaded.join(", ") || "nothing"}` }),
     el("div", { class: "muted", text: `running: ${agent.running.map((id) => `#${id}`).join(", ") || "idle"}` }),
-    el("div", { class: "muted", text: `${agent.models} models · ${agent.capabilities.join(", ")}` }));
+    el("div", { class: "muted", text: `${agent.models} models · ${agent.capabilities.join(", ")}` }),
+    agent.router ? el("div", { class: "muted", text: `connected to router ${agent.router}` }) : "");
 }
 
 // ---- chat: OpenAI's /v1/chat/completions, streamed ----------------------------------------------------

@@ -1,0 +1,134 @@
+"""Routers that share a database tell each other what changed, through PostgreSQL's LISTEN/NOTIFY
+(channel ``gpugate``): a job changed (the others read it again from the store), a running job's
+progress, or the text it streamed (both only for watchers, never stored).
+
+Notices go out in order on a connection of their own, each after the change it names was written.
+A job's notice that could not be sent (the connection broke) is sent once the connection is back;
+progress and text are best effort (a watcher whose router missed some still gets the finished
+job). The listener reads the other routers' notices on another connection; each time it
+(re)connects, the router reads every live job again (``on_connected``): it may have missed some.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+from pydantic import ValidationError
+
+from gpugate.wire import Delta, Progress
+
+log = logging.getLogger(__name__)
+CHANNEL = "gpugate"
+TEXT_CHUNK = 1500  # characters of streamed text per notice (at most 6,000 bytes: under PostgreSQL's 8,000)
+QUEUE_MAX = 10_000  # notices waiting to go out; progress and text beyond it are dropped, job changes never
+CHECK_S = 5.0  # a listener that heard nothing this long checks its connection
+CONNECT_TIMEOUT_S = 10
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 5.0
+
+
+class Kind(StrEnum):
+    JOB = "job"  # changed: read it again
+    PROGRESS = "progress"
+    DELTA = "delta"
+
+
+@dataclass(frozen=True)
+class Notice:
+    router: str  # who sent it (a router ignores its own)
+    kind: Kind
+    job_id: int
+    event: Progress | Delta | None = None
+
+    def encode(self) -> str:
+        return json.dumps({"r": self.router, "k": self.kind, "j": self.job_id,
+                           "e": self.event.model_dump() if self.event is not None else None}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, payload: str) -> Notice:
+        """Raises ValueError for a payload that is not a notice."""
+        try:
+            raw: dict[str, Any] = json.loads(payload)
+            kind = Kind(raw["k"])
+            event = {Kind.PROGRESS: Progress, Kind.DELTA: Delta}.get(kind)
+            return cls(str(raw["r"]), kind, int(raw["j"]), event.model_validate(raw["e"]) if event else None)
+        except (KeyError, TypeError, ValidationError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a notice: {payload[:200]!r}") from exc
+
+
+def notices_of(router: str, job_id: int, event: Progress | Delta | None) -> list[Notice]:
+    """The notices for one change: streamed text longer than a notice holds goes in pieces."""
+    if isinstance(event, Delta) and len(event.text) > TEXT_CHUNK:
+        return [Notice(router, Kind.DELTA, job_id, event.model_copy(update={"offset": event.offset + at,
+                                                                             "text": event.text[at:at + TEXT_CHUNK]}))
+                for at in range(0, len(event.text), TEXT_CHUNK)]
+    kind = Kind.JOB if event is None else Kind.PROGRESS if isinstance(event, Progress) else Kind.DELTA
+    return [Notice(router, kind, job_id, event)]
+
+
+class Bus:
+    def __init__(self, url: str, router: str, on_notice: Callable[[Notice], Awaitable[None]],
+                 on_connected: Callable[[], Awaitable[None]]) -> None:
+        self.url, self.router = url, router
+        self._on_notice, self._on_connected = on_notice, on_connected
+        self._out: deque[Notice] = deque()
+        self._ready = asyncio.Event()
+        self.dropped = 0  # progress and text notices not sent (too many waiting)
+
+    def publish(self, job_id: int, event: Progress | Delta | None = None) -> None:
+        """Tell the other routers (never blocks: ``run`` sends it)."""
+        for notice in notices_of(self.router, job_id, event):
+            if notice.kind != Kind.JOB and len(self._out) >= QUEUE_MAX:
+                self.dropped += 1
+                continue
+            self._out.append(notice)
+        self._ready.set()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._connected("sender", self._send))
+            tasks.create_task(self._connected("listener", self._listen))
+
+    async def _send(self, db: psycopg.AsyncConnection[Any]) -> None:
+        while True:
+            await self._ready.wait()
+            while self._out:
+                await db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._out[0].encode()))
+                self._out.popleft()  # only once sent: a notice whose connection broke goes out on the next
+            self._ready.clear()
+
+    async def _listen(self, db: psycopg.AsyncConnection[Any]) -> None:
+        await db.execute(f"LISTEN {CHANNEL}")
+        await self._on_connected()
+        while True:
+            async for message in db.notifies(timeout=CHECK_S):
+                try:
+                    notice = Notice.decode(message.payload)
+                except ValueError as exc:
+                    log.warning("bad notice ignored", extra={"error": str(exc)})
+                    continue
+                if notice.router != self.router:
+                    await self._on_notice(notice)
+            await db.execute("SELECT 1")  # quiet for a while: is the connection still there?
+
+    async def _connected(self, role: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]) -> None:
+        """Run ``work`` on a connection of its own, on a new one whenever the last broke."""
+        delay = BACKOFF_MIN_S
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, keepalives=1, keepalives_idle=10,
+                        keepalives_interval=5, keepalives_count=3) as db:
+                    delay = BACKOFF_MIN_S
+                    await work(db)
+            except psycopg.OperationalError as exc:
+                log.warning("bus connection lost; reconnecting", extra={"role": role, "error": str(exc)[:200], "in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)

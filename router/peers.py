@@ -1,0 +1,143 @@
+"""Several routers serving one PostgreSQL and one file store at once (``router.shared``), behind a
+load balancer: any of them answers any call for any job.
+
+What they share, and how:
+- The jobs are the store's: each router keeps a cache of every live job (router/queue.py), told of
+  other routers' changes by notices (router/bus.py) and following them by reading the store.
+  Each hands queued jobs to its own agents; the store's conditional claim gives a job to one.
+- Watchers (sync calls, event streams, chat streams) of a job whose agent is on another router get
+  its progress and text by notice, and its end from the store.
+- A cancel through any router ends the job in the store; the router whose agent runs it stops it
+  there (router/outcomes.py ``changed_elsewhere``).
+- What agents reported is shared: every second each router writes its sessions' reports to
+  ``agent_reports`` and reads the others', so every router knows every agent (models, why a job
+  waits, whether it can ever run). An agent name is one session across routers: a second process
+  under a connected name is refused by whichever router it reaches.
+- Each router writes when it was last seen (``routers``). A router silent past
+  ``router.peer_timeout_s`` is gone: the leases its agents' sessions held start their clock
+  (``lease_grace_s``) for the agents to come back through another router, then are lost like any.
+- ReplyTo callbacks are leased one attempt at a time in the store (router/callbacks.py): each is
+  delivered by one router. Metrics are each router's own: scrape every router and sum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from gpugate.settings import Router as RouterSettings
+
+from .bus import Bus, Kind, Notice
+from .outcomes import Outcomes
+from .queue import JobQueue
+from .sessions import AgentSession, SessionRegistry, is_local_worker, router_of
+from .store.postgres import PostgresStore
+
+log = logging.getLogger(__name__)
+BEAT_S = 1.0  # how often a router says it is alive and exchanges agent reports
+
+
+class Peers:
+    def __init__(self, store: PostgresStore, settings: RouterSettings, queue: JobQueue, sessions: SessionRegistry,
+                 outcomes: Outcomes) -> None:
+        self.store, self.settings, self.queue, self.sessions, self.outcomes = store, settings, queue, sessions, outcomes
+        self.me = sessions.router_id
+        self.url = settings.public_base_url or settings.local_url
+        self.live: frozenset[str] = frozenset()  # the other routers heard from lately
+        self.bus = Bus(store.url, self.me, self._apply, self._connected)
+        queue.announce = self.bus.publish
+
+    def join(self) -> frozenset[str]:
+        """Say this router is here; the other routers alive now (before the queue recovers)."""
+        now = time.time()
+        self.store.router_seen(self.me, self.url, now)
+        self.live = self._alive(self.store.routers(), now)
+        log.info("router joined the routers sharing the database", extra={"router": self.me, "peers": sorted(self.live)})
+        return self.live
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.bus.run())
+                tasks.create_task(self._beat())
+        finally:  # stopping: the other routers need not wait for this one to fall silent
+            await asyncio.to_thread(self.store.forget_router, self.me)
+
+    # ---- agents ----------------------------------------------------------------------------------
+
+    async def admit(self, session: AgentSession) -> bool:
+        """Record a new session as its agent's one session across routers; False if another process
+        under its name is connected to a router (the caller refuses it)."""
+        now = time.time()
+        return await asyncio.to_thread(self.store.admit_agent, session.name, session.instance, session.id, self.me,
+                                       session.report(0), now, now - self.settings.peer_timeout_s)
+
+    async def left(self, session: AgentSession) -> None:
+        await asyncio.to_thread(self.store.agent_left, session.id)
+
+    # ---- every second ----------------------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(BEAT_S)
+            try:
+                await self._exchange()
+            except Exception:  # the database away for a while: the next beat tries again
+                log.exception("exchange with the other routers failed")
+
+    async def _exchange(self) -> None:
+        running = self.queue.running_by_session()
+        reports = {s.id: (s.name, s.instance, s.report(running.get(s.id, 0)))
+                   for s in self.sessions.sessions.values() if not is_local_worker(s.name)}
+        now = time.time()
+
+        def talk() -> tuple[dict[str, float], list[dict[str, Any]]]:
+            self.store.router_seen(self.me, self.url, now)
+            self.store.report_agents(self.me, reports, now)
+            return self.store.routers(), self.store.agent_reports(now - self.settings.peer_timeout_s)
+
+        routers, rows = await asyncio.to_thread(talk)
+        self.live = self._alive(routers, now)
+        self.sessions.peers = {r["name"]: AgentSession.of_report(r["report"]) for r in rows if r["router"] in self.live}
+        gone = [r for r, seen in routers.items() if r != self.me and r not in self.live]
+        self._take_back_leases()
+        self._start_clocks_of_gone(now)
+        for router in gone:
+            log.warning("router gone silent; its agents' jobs wait for them to reconnect elsewhere",
+                        extra={"router": router})
+            await asyncio.to_thread(self.store.forget_router, router)
+
+    def _alive(self, routers: dict[str, float], now: float) -> frozenset[str]:
+        return frozenset(r for r, seen in routers.items() if r != self.me and seen >= now - self.settings.peer_timeout_s)
+
+    def _start_clocks_of_gone(self, now: float) -> None:
+        """Leases held by sessions of routers that are gone (or unknown) start their clock."""
+        jobs = [j for j in self.queue.running() if j.lease_expires is None and router_of(j.session) not in (self.live | {self.me})]
+        if jobs:
+            self.queue.start_lease_clocks(jobs, now + self.settings.lease_grace_s)
+
+    def _take_back_leases(self) -> None:
+        """A lease of a session here that another router started the clock of (this router was
+        silent too long: paused, or cut off) is this router's again."""
+        if taken := [j for j in self.queue.running() if j.lease_expires is not None and self.sessions.by_id(j.session)]:
+            self.queue.start_lease_clocks(taken, None)
+
+    # ---- notices from the other routers ------------------------------------------------------------
+
+    async def _apply(self, notice: Notice) -> None:
+        if notice.kind == Kind.JOB:
+            await self.outcomes.changed_elsewhere(notice.job_id)
+            return
+        job = self.queue.live.get(notice.job_id)
+        if job is None or notice.event is None or notice.event.attempt != job.attempt:
+            return
+        if notice.kind == Kind.PROGRESS:
+            self.queue.set_progress(job, notice.event, here=False)  # type: ignore[arg-type]
+        else:
+            self.queue.stream(job, notice.event, here=False)  # type: ignore[arg-type]
+
+    async def _connected(self) -> None:
+        """The listener (re)connected: notices may have been missed meanwhile; read every live job again."""
+        self.queue.resync()
