@@ -41,28 +41,32 @@ TOKEN = "bench-agent-token"
 
 
 class Services:
-    """A router process and one agent process on loopback, stopped by PID on exit."""
+    """A router process and one agent process on loopback, stopped by PID on exit. ``routers`` > 1:
+    that many routers sharing the PostgreSQL of GPUGATE_ROUTER__DATABASE_URL (router.shared), each
+    with an agent of its own."""
 
-    def __init__(self, tmp: Path, comfy: bool, runners: str | None = None) -> None:
+    def __init__(self, tmp: Path, comfy: bool, runners: str | None = None, routers: int = 1) -> None:
         self.tmp, self.comfy = tmp, comfy
         self.runners = runners or ('["echo", "comfy"]' if comfy else '["echo"]')
-        self.port, self.comfy_port = free_port("127.0.0.1"), free_port("127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ports, self.comfy_port = [free_port("127.0.0.1") for _ in range(routers)], free_port("127.0.0.1")
+        self.urls = [f"http://127.0.0.1:{port}" for port in self.ports]
+        self.url = self.urls[0]
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, "GPUGATE_PATHS__DATA_DIR": str(self.tmp / "data"),
-                "GPUGATE_PATHS__MODELS_DIR": str(self.tmp / "models"), "GPUGATE_ROUTER__PORT": str(self.port),
+    def env(self, router: int = 0, **extra: str) -> dict[str, str]:
+        shared = {"GPUGATE_ROUTER__SHARED": "true", "GPUGATE_AGENT__NAME": f"echo-{router}"} if len(self.urls) > 1 else {}
+        return {**os.environ, **shared, "GPUGATE_PATHS__DATA_DIR": str(self.tmp / "data"),
+                "GPUGATE_PATHS__MODELS_DIR": str(self.tmp / "models"), "GPUGATE_ROUTER__PORT": str(self.ports[router]),
                 "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN, "GPUGATE_ROUTER__ECHO_API": "true",
-                "GPUGATE_AGENT__ROUTER_URL": self.url, "GPUGATE_AGENT__TOKEN": TOKEN,
+                "GPUGATE_AGENT__ROUTER_URL": self.urls[router], "GPUGATE_AGENT__TOKEN": TOKEN,
                 "GPUGATE_AGENT__RUNNERS": self.runners,
                 "GPUGATE_AGENT__CONCURRENCY": "32" if not self.comfy else "1", "GPUGATE_COMFY__DEVICE": "cpu",
                 "GPUGATE_COMFY__PORT": str(self.comfy_port),
                 **extra}
 
-    def gpugate(self, *args: str) -> subprocess.Popen[bytes]:
+    def gpugate(self, *args: str, router: int = 0) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([sys.executable, "-m", "gpugate.cli", "--log-level", "WARNING", *args],
-                                cwd=PROJECT_ROOT, env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                cwd=PROJECT_ROOT, env=self.env(router), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(proc)
         return proc
 
@@ -72,18 +76,15 @@ class Services:
         made = subprocess.run([sys.executable, "-m", "gpugate.cli", "keys", "create", "--name", "bench"], cwd=PROJECT_ROOT,
                               env=self.env(), capture_output=True, text=True, check=True)
         self.key = made.stdout.strip().rsplit(" ", 1)[-1]
-        self.gpugate("router")
-        self.gpugate("agent")
+        for router in range(len(self.urls)):
+            self.gpugate("router", router=router)
+            self.gpugate("agent", router=router)
         async with aiohttp.ClientSession() as http:
             for _ in range(1200):
-                try:
-                    async with http.get(f"{self.url}/health") as r:
-                        if (await r.json())["agents"] == 1:
-                            return self
-                except aiohttp.ClientError:
-                    pass
+                if all([await _agents(http, url) == 1 for url in self.urls]):
+                    return self
                 await asyncio.sleep(0.1)
-        raise RuntimeError("router and agent did not come up")
+        raise RuntimeError("routers and agents did not come up")
 
     async def __aexit__(self, *exc: object) -> None:
         for proc in reversed(self.procs):
@@ -91,17 +92,28 @@ class Services:
             proc.wait(60)
 
 
+async def _agents(http: aiohttp.ClientSession, url: str) -> int:
+    """The agents connected to the router at ``url`` (-1 while it does not answer)."""
+    try:
+        async with http.get(f"{url}/health") as r:
+            return (await r.json())["agents"]
+    except aiohttp.ClientError:
+        return -1
+
+
 async def echo_load(services: Services, clients: int, jobs: int) -> dict[str, Any]:
+    """``clients`` sending Echo jobs one after another (spread over the routers, as a load balancer
+    would) until ``jobs`` are done: jobs/s and latency."""
     headers = {"Authorization": f"Bearer {services.key}"}
     latencies: list[float] = []
     remaining = jobs
 
-    async def client(http: aiohttp.ClientSession) -> None:
+    async def client(http: aiohttp.ClientSession, url: str) -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
             t0 = time.perf_counter()
-            async with http.post(f"{services.url}/api/Echo", json={"text": "x"}, headers=headers) as r:
+            async with http.post(f"{url}/api/Echo", json={"text": "x"}, headers=headers) as r:
                 body = await r.json()
             latencies.append((time.perf_counter() - t0) * 1000)
             assert body["results"] == [{"text": "x"}], body
@@ -111,7 +123,7 @@ async def echo_load(services: Services, clients: int, jobs: int) -> dict[str, An
             async with http.post(f"{services.url}/api/Echo", json={"text": "x"}, headers=headers) as r:
                 await r.read()
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+        await asyncio.gather(*(client(http, services.urls[i % len(services.urls)]) for i in range(clients)))
         elapsed = time.perf_counter() - t0
     return {"clients": clients, "jobs": len(latencies), "jobs_per_s": round(len(latencies) / elapsed, 1),
             "latency_ms": _summary(latencies)}

@@ -1,8 +1,9 @@
-"""Echo jobs through one router on SQLite and on PostgreSQL, side by side: the store's cost on the
-router's own path (a job is written when queued, claimed, and finished). A router process and an
-echo agent process on loopback (bench/router.py's), PostgreSQL a throwaway cluster on loopback
-(tests/postgres.py) with fsync on and commits not waited for, like SQLite's WAL with
-synchronous=NORMAL. Rounds alternate which store goes first.
+"""Echo jobs through one router on SQLite, one on PostgreSQL, and two routers sharing one PostgreSQL
+(router.shared, the clients spread over them), side by side: the store's cost on the router's own
+path (a job is written when queued, claimed, and finished) and what a second router adds. A router
+process and an echo agent process per router on loopback (bench/router.py's), PostgreSQL a
+throwaway cluster on loopback (tests/postgres.py) with fsync on and commits not waited for, like
+SQLite's WAL with synchronous=NORMAL. Rounds rotate which setup goes first.
 Results: bench/results/stores.{json,md}. Run: ``python -m bench.stores``.
 """
 
@@ -41,10 +42,13 @@ def environment(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+SETUPS = {"sqlite": 1, "postgres": 1, "postgres, 2 routers": 2}  # setup -> routers
+
+
 async def one(store: str, cluster: Cluster, clients: int, jobs: int) -> dict[str, Any]:
-    extra = {"GPUGATE_ROUTER__DATABASE_URL": cluster.new_database()} if store == "postgres" else {}
+    extra = {"GPUGATE_ROUTER__DATABASE_URL": cluster.new_database()} if store.startswith("postgres") else {}
     with tempfile.TemporaryDirectory() as tmp, environment(**extra):
-        async with Services(Path(tmp), comfy=False) as services:
+        async with Services(Path(tmp), comfy=False, routers=SETUPS[store]) as services:
             return await echo_load(services, clients, jobs)
 
 
@@ -56,9 +60,9 @@ async def measure(rounds: int, jobs: int) -> dict[str, Any]:
                            "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores"}
     try:
         for clients in (1, 32):
-            runs: dict[str, list[dict[str, Any]]] = {"sqlite": [], "postgres": []}
+            runs: dict[str, list[dict[str, Any]]] = {store: [] for store in SETUPS}
             for i in range(rounds):
-                for store in (("sqlite", "postgres") if i % 2 == 0 else ("postgres", "sqlite")):
+                for store in list(SETUPS)[i % len(SETUPS):] + list(SETUPS)[:i % len(SETUPS)]:
                     runs[store].append(await one(store, cluster, clients, jobs if clients > 1 else jobs // 4))
                     print(clients, store, runs[store][-1]["jobs_per_s"], flush=True)
             out[f"clients_{clients}"] = {
@@ -74,8 +78,8 @@ async def measure(rounds: int, jobs: int) -> dict[str, Any]:
 def write(result: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "stores.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Echo jobs through one router: SQLite against PostgreSQL ({result['machine']}; {result['when']}; "
-             f"median of {result['rounds']} rounds)", "",
+    lines = [f"# Echo jobs: one router on SQLite, one on PostgreSQL, two sharing PostgreSQL ({result['machine']}; "
+             f"{result['when']}; median of {result['rounds']} rounds)", "",
              "| clients | store | jobs/s | latency p50 |", "|---|---|---|---|"]
     for clients in (1, 32):
         for store, r in result[f"clients_{clients}"].items():

@@ -27,7 +27,7 @@ from gpugate.wire import Delta, Progress
 
 log = logging.getLogger(__name__)
 CHANNEL = "gpugate"
-TEXT_CHUNK = 1500  # characters of streamed text per notice (at most 6,000 bytes: under PostgreSQL's 8,000)
+PAYLOAD_MAX = 7000  # bytes of one notice (PostgreSQL refuses 8,000); longer text goes in pieces
 QUEUE_MAX = 10_000  # notices waiting to go out; progress and text beyond it are dropped, job changes never
 CHECK_S = 5.0  # a listener that heard nothing this long checks its connection
 CONNECT_TIMEOUT_S = 10
@@ -64,13 +64,17 @@ class Notice:
 
 
 def notices_of(router: str, job_id: int, event: Progress | Delta | None) -> list[Notice]:
-    """The notices for one change: streamed text longer than a notice holds goes in pieces."""
-    if isinstance(event, Delta) and len(event.text) > TEXT_CHUNK:
-        return [Notice(router, Kind.DELTA, job_id, event.model_copy(update={"offset": event.offset + at,
-                                                                             "text": event.text[at:at + TEXT_CHUNK]}))
-                for at in range(0, len(event.text), TEXT_CHUNK)]
+    """The notices for one change, each within PAYLOAD_MAX bytes encoded: streamed text that is
+    longer goes in pieces (halved until each fits); progress that does not fit is not sent."""
     kind = Kind.JOB if event is None else Kind.PROGRESS if isinstance(event, Progress) else Kind.DELTA
-    return [Notice(router, kind, job_id, event)]
+    notice = Notice(router, kind, job_id, event)
+    if len(notice.encode().encode()) <= PAYLOAD_MAX:
+        return [notice]
+    if not isinstance(event, Delta) or len(event.text) < 2:
+        return []
+    half = len(event.text) // 2
+    return [*notices_of(router, job_id, event.model_copy(update={"text": event.text[:half]})),
+            *notices_of(router, job_id, event.model_copy(update={"offset": event.offset + half, "text": event.text[half:]}))]
 
 
 class Bus:
@@ -100,9 +104,29 @@ class Bus:
         while True:
             await self._ready.wait()
             while self._out:
-                await db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._out[0].encode()))
-                self._out.popleft()  # only once sent: a notice whose connection broke goes out on the next
+                try:
+                    await db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._out[0].encode()))
+                except psycopg.OperationalError:
+                    raise  # the connection broke: the notice goes out on the next one
+                except psycopg.Error as exc:  # refused for itself: the others must still go
+                    log.error("notice refused by the database; dropped", extra={"job": self._out[0].job_id,
+                                                                                 "error": str(exc)[:200]})
+                self._out.popleft()
             self._ready.clear()
+
+    async def drain(self, timeout: float) -> None:
+        """Send the job changes still waiting (this router is stopping), for at most ``timeout`` seconds."""
+        self._out = deque(n for n in self._out if n.kind == Kind.JOB)
+        if not self._out:
+            return
+        try:
+            async with asyncio.timeout(timeout), await self._connect() as db:
+                while self._out:
+                    await db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._out[0].encode()))
+                    self._out.popleft()
+        except (TimeoutError, psycopg.Error) as exc:
+            log.warning("notices not sent before stopping; the other routers find the changes when they read the "
+                        "store again", extra={"left": len(self._out), "error": str(exc)[:200]})
 
     async def _listen(self, db: psycopg.AsyncConnection[Any]) -> None:
         await db.execute(f"LISTEN {CHANNEL}")
@@ -114,18 +138,27 @@ class Bus:
                 except ValueError as exc:
                     log.warning("bad notice ignored", extra={"error": str(exc)})
                     continue
-                if notice.router != self.router:
+                if notice.router == self.router:
+                    continue
+                try:
                     await self._on_notice(notice)
+                except psycopg.OperationalError:
+                    raise
+                except Exception:  # one notice that cannot be applied must not stop the others
+                    log.exception("notice not applied", extra={"job": notice.job_id, "kind": notice.kind})
             await db.execute("SELECT 1")  # quiet for a while: is the connection still there?
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                                     keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                                                     keepalives_count=3)
 
     async def _connected(self, role: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]) -> None:
         """Run ``work`` on a connection of its own, on a new one whenever the last broke."""
         delay = BACKOFF_MIN_S
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                        self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, keepalives=1, keepalives_idle=10,
-                        keepalives_interval=5, keepalives_count=3) as db:
+                async with await self._connect() as db:
                     delay = BACKOFF_MIN_S
                     await work(db)
             except psycopg.OperationalError as exc:

@@ -131,10 +131,14 @@ class Outcomes:
         return was_live
 
     async def changed_elsewhere(self, job_id: int) -> None:
-        """Another router changed the job: follow it; if it ended while a session here ran it (a
-        cancel through that router), stop it there."""
+        """Another router changed the job: follow it; if a session here ran it and no longer does (a
+        cancel through that router; or its lease was given up while this router was cut off), stop
+        it there."""
         before = self.queue.follow(job_id)
-        if before is not None and before.state == JobState.STARTED and job_id not in self.queue.live:
+        if before is None or before.state != JobState.STARTED:
+            return
+        after = self.queue.live.get(job_id)
+        if after is None or (after.state, after.attempt, after.session) != (JobState.STARTED, before.attempt, before.session):
             await self._stop(before, before.session)
 
     async def _stop(self, job: Job, session: str | None) -> None:

@@ -25,18 +25,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from gpugate.settings import Router as RouterSettings
 
 from .bus import Bus, Kind, Notice
 from .outcomes import Outcomes
 from .queue import JobQueue
+from .retry import Decision
 from .sessions import AgentSession, SessionRegistry, is_local_worker, router_of
 from .store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 BEAT_S = 1.0  # how often a router says it is alive and exchanges agent reports
+RESYNC_S = 30.0  # how often a router reads every live job again anyway (a notice lost with a router that died)
+DRAIN_S = 2.0  # a stopping router's last notices
 
 
 class Peers:
@@ -47,22 +49,23 @@ class Peers:
         self.url = settings.public_base_url or settings.local_url
         self.live: frozenset[str] = frozenset()  # the other routers heard from lately
         self.bus = Bus(store.url, self.me, self._apply, self._connected)
+        self._resynced = time.monotonic()
         queue.announce = self.bus.publish
 
     def join(self) -> frozenset[str]:
-        """Say this router is here; the other routers alive now (before the queue recovers)."""
-        now = time.time()
-        self.store.router_seen(self.me, self.url, now)
-        self.live = self._alive(self.store.routers(), now)
+        """Say this router is here and learn the others' agents; the other routers alive now (before
+        the queue recovers: their agents' leases are theirs)."""
+        alive, _ = self._talk({})
         log.info("router joined the routers sharing the database", extra={"router": self.me, "peers": sorted(self.live)})
-        return self.live
+        return alive
 
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.bus.run())
                 tasks.create_task(self._beat())
-        finally:  # stopping: the other routers need not wait for this one to fall silent
+        finally:  # stopping: the others learn its last changes, and need not wait for it to fall silent
+            await self.bus.drain(DRAIN_S)
             await asyncio.to_thread(self.store.forget_router, self.me)
 
     # ---- agents ----------------------------------------------------------------------------------
@@ -70,9 +73,8 @@ class Peers:
     async def admit(self, session: AgentSession) -> bool:
         """Record a new session as its agent's one session across routers; False if another process
         under its name is connected to a router (the caller refuses it)."""
-        now = time.time()
         return await asyncio.to_thread(self.store.admit_agent, session.name, session.instance, session.id, self.me,
-                                       session.report(0), now, now - self.settings.peer_timeout_s)
+                                       session.report(0), self.settings.peer_timeout_s)
 
     async def left(self, session: AgentSession) -> None:
         await asyncio.to_thread(self.store.agent_left, session.id)
@@ -91,32 +93,44 @@ class Peers:
         running = self.queue.running_by_session()
         reports = {s.id: (s.name, s.instance, s.report(running.get(s.id, 0)))
                    for s in self.sessions.sessions.values() if not is_local_worker(s.name)}
-        now = time.time()
-
-        def talk() -> tuple[dict[str, float], list[dict[str, Any]]]:
-            self.store.router_seen(self.me, self.url, now)
-            self.store.report_agents(self.me, reports, now)
-            return self.store.routers(), self.store.agent_reports(now - self.settings.peer_timeout_s)
-
-        routers, rows = await asyncio.to_thread(talk)
-        self.live = self._alive(routers, now)
-        self.sessions.peers = {r["name"]: AgentSession.of_report(r["report"]) for r in rows if r["router"] in self.live}
-        gone = [r for r, seen in routers.items() if r != self.me and r not in self.live]
+        _, gone = await asyncio.to_thread(self._talk, reports)
         self._take_back_leases()
-        self._start_clocks_of_gone(now)
+        self._start_clocks_of_gone()
+        if gone or time.monotonic() - self._resynced > RESYNC_S:  # a router that died may not have told all
+            self._resynced = time.monotonic()
+            self.queue.resync(await asyncio.to_thread(self.store.unfinished_jobs))
         for router in gone:
             log.warning("router gone silent; its agents' jobs wait for them to reconnect elsewhere",
                         extra={"router": router})
-            await asyncio.to_thread(self.store.forget_router, router)
+            await asyncio.to_thread(self.store.forget_router, router, self.settings.peer_timeout_s)
 
-    def _alive(self, routers: dict[str, float], now: float) -> frozenset[str]:
-        return frozenset(r for r, seen in routers.items() if r != self.me and seen >= now - self.settings.peer_timeout_s)
+    def _talk(self, reports: dict[str, tuple[str, str, str]]) -> tuple[frozenset[str], set[str]]:
+        """One exchange with the database (in a worker thread): this router's beat and its agents'
+        reports out; the routers alive and gone, and the other routers' agents, in."""
+        timeout = self.settings.peer_timeout_s
+        self.store.router_seen(self.me, self.url)
+        self.store.report_agents(self.me, reports)
+        alive, silent = self.store.silent_routers(timeout)
+        self.live = frozenset(alive - {self.me})
+        peers = {}
+        for row in self.store.agent_reports(timeout):
+            if row["router"] not in self.live:
+                continue
+            try:
+                peers[row["name"]] = AgentSession.of_report(row["report"])
+            except (ValueError, KeyError, TypeError) as exc:  # another version's report, say: that agent is unknown here
+                log.warning("agent report not understood; skipped", extra={"agent": row["name"], "error": str(exc)[:200]})
+        self.sessions.peers = peers
+        return self.live, silent - {self.me}
 
-    def _start_clocks_of_gone(self, now: float) -> None:
-        """Leases held by sessions of routers that are gone (or unknown) start their clock."""
-        jobs = [j for j in self.queue.running() if j.lease_expires is None and router_of(j.session) not in (self.live | {self.me})]
-        if jobs:
-            self.queue.start_lease_clocks(jobs, now + self.settings.lease_grace_s)
+    def _start_clocks_of_gone(self) -> None:
+        """Leases held by sessions of routers that are gone (or unknown) start their clock; jobs that
+        a gone router's own worker ran are queued again at once, at no attempt's cost."""
+        gone = [j for j in self.queue.running() if j.lease_expires is None and router_of(j.session) not in (self.live | {self.me})]
+        for job in [j for j in gone if is_local_worker(j.agent)]:
+            self.queue.requeue(job, Decision(True, charged=False))
+        if leases := [j for j in gone if not is_local_worker(j.agent)]:
+            self.queue.start_lease_clocks(leases, time.time() + self.settings.lease_grace_s)
 
     def _take_back_leases(self) -> None:
         """A lease of a session here that another router started the clock of (this router was
@@ -140,4 +154,5 @@ class Peers:
 
     async def _connected(self) -> None:
         """The listener (re)connected: notices may have been missed meanwhile; read every live job again."""
-        self.queue.resync()
+        self._resynced = time.monotonic()
+        self.queue.resync(await asyncio.to_thread(self.store.unfinished_jobs))

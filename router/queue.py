@@ -82,6 +82,8 @@ class JobQueue:
             if stored is not None and stored.state in LIVE:
                 self.live[job_id] = stored
                 self.on_change()
+            elif stored is not None:  # over before this router had it: a watcher may wait on it still
+                self.events.notify(job_id, stored)
             return None
         before = dataclasses.replace(cached)
         if stored is None:
@@ -98,15 +100,16 @@ class JobQueue:
             self.on_change()
         return before
 
-    def resync(self) -> None:
-        """Read every live job again (after this router may have missed other routers' news)."""
-        stored = {job.id: job for job in self.store.unfinished_jobs()}
-        for job_id in [*self.live, *stored]:
-            if job_id in stored and job_id in self.live:
-                _update(self.live[job_id], stored[job_id])
-            elif job_id in stored:
-                self.live[job_id] = stored[job_id]
-            elif job_id in self.live:
+    def resync(self, unfinished: list[Job] | None = None) -> None:
+        """Follow the store's live jobs (``unfinished``, read now if not given) after this router may
+        have missed other routers' news. A job the read shows otherwise than the cache is read again
+        (this router may have changed it since ``unfinished`` was read)."""
+        stored = {job.id: job for job in (self.store.unfinished_jobs() if unfinished is None else unfinished)}
+        for job_id in set(self.live) | set(stored):
+            cached, fresh = self.live.get(job_id), stored.get(job_id)
+            if cached is None and fresh is not None:
+                self.live[job_id] = fresh  # not cached: not changed here either
+            elif fresh is None or _lease(cached) != _lease(fresh):
                 self.follow(job_id)
         self.on_change()
 
@@ -132,10 +135,13 @@ class JobQueue:
         """End a live job as Cancelled; (whether it was live, the job). A running job's session is
         left in ``job.session`` for the caller to stop it there."""
         job = self.live.get(job.id, job)
-        if job.id not in self.live:
-            return False, job
-        self.finish(job, JobState.CANCELLED, Failure(kind=FailureKind.INTERRUPTED, message=reason))
-        return job.state == JobState.CANCELLED, job
+        for _ in range(2):  # again once if the cache was behind the store (another router changed the job)
+            if job.id not in self.live:
+                return False, job
+            self.finish(job, JobState.CANCELLED, Failure(kind=FailureKind.INTERRUPTED, message=reason))
+            if job.state == JobState.CANCELLED:
+                return True, job
+        return False, job
 
     def status_text(self, job: Job) -> str:
         return status_text(job, self.waiting_reason.get(job.id), self.progress.get(job.id))
@@ -240,6 +246,7 @@ class JobQueue:
     def move_lease(self, job: Job, session: str) -> bool:
         """The agent holding ``job`` came back as ``session``: its lease goes along."""
         if not self.store.move_lease(job, session):
+            self._reload(job)
             return False
         job.session, job.lease_expires = session, None
         self.announce(job.id, None)
@@ -255,11 +262,17 @@ class JobQueue:
             if self.store.set_lease_expiry(job, expires):
                 job.lease_expires = expires
                 self.announce(job.id, None)
+            else:
+                self._reload(job)
         return len(jobs)
 
     def expired_leases(self, now: float) -> list[Job]:
         return [j for j in self.live.values()
                 if j.state == JobState.STARTED and j.lease_expires is not None and j.lease_expires <= now]
+
+
+def _lease(job: Job | None) -> tuple[Any, ...]:
+    return (job.state, job.attempt, job.session, job.lease_expires) if job is not None else ()
 
 
 def _update(job: Job, source: Job, **changes: Any) -> None:

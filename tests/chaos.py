@@ -1,10 +1,11 @@
 """The chaos harness: real processes on loopback and the faults a GPU server meets.
 
-A ``Cluster`` is a `gpugate router` process and `gpugate agent` processes (each with its own
+A ``Cluster`` is a `gpugate router` process (or several sharing a PostgreSQL and a data folder,
+router.shared, with each agent knowing them all) and `gpugate agent` processes (each with its own
 ComfyUI on the tiny checkpoint, plus faster-whisper, Piper and FFmpeg), all stopped by PID. A
-``Stream`` submits Queue* jobs (TextToImage, a video transform, TextToSpeech) as a client would:
-each with its own refId, retried with the same refId while the router is down, then followed to
-its end. The faults are methods of the cluster: kill -9 of a ComfyUI, of an agent (restarted under
+``Stream`` submits Queue* jobs (TextToImage, a video transform, TextToSpeech) as a client would
+(through the routers in turn, as a load balancer would): each with its own refId, retried with the
+same refId while a router is down, then followed to its end. The faults are methods of the cluster: kill -9 of a ComfyUI, of an agent (restarted under
 the same name), of the router (restarted), SIGTERM of the router (restarted), and a second agent
 connecting under a name in use.
 
@@ -59,16 +60,21 @@ class Process:
 
 
 class Cluster:
-    """A router and agents as processes, in ``root``; each fault is a method."""
+    """Routers and agents as processes, in ``root``; each fault is a method. ``database``: the
+    routers' PostgreSQL (needed for more than one router: they share it)."""
 
-    def __init__(self, root: Path, media: Path, *, lease_grace_s: float = 10.0) -> None:
-        self.root, self.media = root, media
-        self.port = free_port("127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, root: Path, media: Path, *, lease_grace_s: float = 10.0, database: str | None = None,
+                 routers: int = 1) -> None:
+        assert routers == 1 or database, "routers share their work through PostgreSQL"
+        self.root, self.media, self.database = root, media, database
+        self.ports = [free_port("127.0.0.1") for _ in range(routers)]
+        self.urls = [f"http://127.0.0.1:{port}" for port in self.ports]
+        self._turn = itertools.count()
         self.lease_grace_s = lease_grace_s
         self.processes: list[Process] = []
-        self.router: Process | None = None
+        self.routers: list[Process | None] = [None] * routers
         self.agents: dict[str, Process] = {}
+        self._first_router: dict[str, int] = {}  # agent -> the router it tries first
         self.orphans: list[str] = []  # ComfyUIs that outlived their agents
         self.key = ""
         (root / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -79,10 +85,16 @@ class Cluster:
 
     # ---- processes -------------------------------------------------------------------------------
 
-    def _env(self, **extra: str) -> dict[str, str]:
-        return {**{k: v for k, v in os.environ.items() if not k.startswith("GPUGATE_")},
+    def next_url(self) -> str:
+        """The router the next request goes to: each in turn, as a load balancer would."""
+        return self.urls[next(self._turn) % len(self.urls)]
+
+    def _env(self, router: int = 0, **extra: str) -> dict[str, str]:
+        shared = {"GPUGATE_ROUTER__DATABASE_URL": self.database, "GPUGATE_ROUTER__SHARED": "true",
+                  "GPUGATE_ROUTER__PEER_TIMEOUT_S": "5"} if self.database else {}
+        return {**{k: v for k, v in os.environ.items() if not k.startswith("GPUGATE_")}, **shared,
                 "GPUGATE_PATHS__DATA_DIR": str(self.root / "router-data"), "GPUGATE_PATHS__MODELS_DIR": str(self.root / "models"),
-                "GPUGATE_ROUTER__PORT": str(self.port), "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN,
+                "GPUGATE_ROUTER__PORT": str(self.ports[router]), "GPUGATE_ROUTER__AGENT_TOKEN": TOKEN,
                 "GPUGATE_ROUTER__HEARTBEAT_TIMEOUT_S": "6", "GPUGATE_ROUTER__LEASE_GRACE_S": str(self.lease_grace_s),
                 "GPUGATE_ROUTER__SYNC_TIMEOUT_S": "60", "GPUGATE_COMFY__DEVICE": "cpu", **extra}
 
@@ -95,12 +107,17 @@ class Cluster:
         self.processes.append(process)
         return process
 
-    def start_router(self) -> None:
-        self.router = self._start("router", ["router"], self._env())
+    def start_router(self, router: int = 0) -> None:
+        self.routers[router] = self._start(f"router{router or ''}", ["router"], self._env(router))
+
+    def router_urls(self, first: int) -> str:
+        """agent.router_url for an agent that tries router ``first`` first, then the others."""
+        return ",".join(self.urls[first:] + self.urls[:first])
 
     def start_agent(self, name: str, runners: str = '["comfy", "speech", "media"]', **env: str) -> Process:
+        first = self._first_router.setdefault(name, len(self._first_router) % len(self.urls))
         settings = {"GPUGATE_PATHS__DATA_DIR": str(self.root / f"agent-{name}"), "GPUGATE_AGENT__NAME": name,
-                    "GPUGATE_AGENT__ROUTER_URL": self.url, "GPUGATE_AGENT__TOKEN": TOKEN, "GPUGATE_AGENT__HEARTBEAT_S": "1",
+                    "GPUGATE_AGENT__ROUTER_URL": self.router_urls(first), "GPUGATE_AGENT__TOKEN": TOKEN, "GPUGATE_AGENT__HEARTBEAT_S": "1",
                     "GPUGATE_AGENT__CONCURRENCY": "2", "GPUGATE_AGENT__RUNNERS": runners,
                     "GPUGATE_AGENT__SHUTDOWN_GRACE_S": "30"}
         process = self._start(f"agent-{name}", ["agent"], self._env(**{**settings, **env}))
@@ -112,14 +129,15 @@ class Cluster:
         made = subprocess.run([sys.executable, "-m", "gpugate.cli", "keys", "create", "--name", "chaos", "--admin"], cwd=PROJECT_ROOT,
                               env=self._env(), capture_output=True, text=True, check=True)
         self.key = made.stdout.strip().rsplit(" ", 1)[-1]
-        self.start_router()
+        for router in range(len(self.urls)):
+            self.start_router(router)
         for name in agents:
             self.start_agent(name)
         await self.wait_for(lambda s: set(agents) <= self.ready_agents(s), "agents ready", 300)
 
     async def down(self) -> None:
         """SIGTERM the agents (they drain into the router), then the router; kill what does not stop."""
-        for group in ([p for p in self.live() if p.name != "router"], self.live()):
+        for group in ([p for p in self.live() if not p.name.startswith("router")], self.live()):
             for process in group:
                 process.signal(signal.SIGTERM)
             for process in group:
@@ -149,7 +167,7 @@ class Cluster:
     async def dashboard(self) -> dict[str, Any] | None:
         try:
             async with aiohttp.ClientSession() as http, http.get(
-                    f"{self.url}/api/GetDashboard", headers={"Authorization": f"Bearer {self.key}"},
+                    f"{self.next_url()}/api/GetDashboard", headers={"Authorization": f"Bearer {self.key}"},
                     timeout=aiohttp.ClientTimeout(total=5)) as r:
                 return await r.json() if r.status == 200 else None
         except (aiohttp.ClientError, TimeoutError):
@@ -193,26 +211,31 @@ class Cluster:
         self.start_agent(agent)
         await self.wait_for(lambda s: agent in self.ready_agents(s), f"{agent} back", 300)
 
-    async def restart_router(self, sig: int) -> None:
-        """SIGTERM (a deploy) or SIGKILL (a crash) the router, and start it again."""
-        assert self.router is not None
-        self.router.signal(sig)
-        await asyncio.to_thread(self.router.popen.wait, 60)
-        self.start_router()
+    async def restart_router(self, sig: int, router: int = 0) -> None:
+        """SIGTERM (a deploy) or SIGKILL (a crash) a router, and start it again."""
+        process = self.routers[router]
+        assert process is not None
+        process.signal(sig)
+        await asyncio.to_thread(process.popen.wait, 60)
+        self.start_router(router)
         names = set(self.agents)
         await self.wait_for(lambda s: names <= self.ready_agents(s), "agents rejoining the new router", 120)
 
     async def impostor(self, name: str) -> str:
-        """A second agent under a name already connected: it must be refused and change nothing."""
-        process = self.start_agent(name, runners='["echo"]', GPUGATE_PATHS__DATA_DIR=str(self.root / f"impostor-{name}"))
+        """A second agent under a name already connected (with several routers: trying another router
+        first than the agent did): it must be refused and change nothing."""
+        other = (self._first_router[name] + 1) % len(self.urls)
+        process = self.start_agent(name, runners='["echo"]', GPUGATE_PATHS__DATA_DIR=str(self.root / f"impostor-{name}"),
+                                   GPUGATE_AGENT__ROUTER_URL=self.router_urls(other))
+        refused = f"an agent named '{name}' is"
         deadline = time.monotonic() + 120
-        while "already connected" not in (text := process.log.read_text(errors="replace")):
+        while refused not in (text := process.log.read_text(errors="replace")):
             assert process.popen.poll() is None, f"the impostor exited:\n{text[-2000:]}"
             assert time.monotonic() < deadline, f"the impostor was not refused:\n{text[-2000:]}"
             await asyncio.sleep(0.25)
         process.signal(signal.SIGKILL)
         await asyncio.to_thread(process.popen.wait, 30)
-        return next(line for line in text.splitlines() if "already connected" in line)
+        return next(line for line in text.splitlines() if refused in line)
 
 
 @dataclass
@@ -233,7 +256,7 @@ class Stream:
         deadline = time.monotonic() + 300
         while True:
             try:
-                async with http.post(f"{self.cluster.url}/api/Queue{api}", data=form(ref), headers=headers,
+                async with http.post(f"{self.cluster.next_url()}/api/Queue{api}", data=form(ref), headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=30)) as r:
                     answer = await r.json(content_type=None)
                     if r.status == 200:
@@ -261,7 +284,7 @@ class Stream:
         """Every accepted job as QueryJobs has it now (state, attempts, agent, error), by refId;
         {} while the router is down."""
         try:
-            async with http.get(f"{self.cluster.url}/api/QueryJobs", params={"limit": "1000"},
+            async with http.get(f"{self.cluster.next_url()}/api/QueryJobs", params={"limit": "1000"},
                                 headers={"Authorization": f"Bearer {self.cluster.key}"},
                                 timeout=aiohttp.ClientTimeout(total=10)) as r:
                 if r.status != 200:

@@ -1,9 +1,11 @@
 """The chaos suite: a stream of 100+ mixed Queue* jobs through a real router and real agents while
-every ordinary fault of a GPU server happens once, with one agent and with two.
+every ordinary fault of a GPU server happens once, with one agent and with two; and with two agents
+and two routers serving one PostgreSQL at once (router.shared), the client using them in turn.
 
 During the stream: kill -9 of a ComfyUI mid-job, kill -9 of an agent (started again under its
 name), SIGTERM of the router (started again), kill -9 of the router (started again), and a second
-agent connecting under a name in use. Passing means: every accepted job Completed (none Failed for
+agent connecting under a name in use. With two routers the router faults strike one each (the
+first's agents fail over to the second), and the impostor tries the other router first. Passing means: every accepted job Completed (none Failed for
 an infrastructure reason, none left Queued or Started), no process ended that was not killed, no
 ComfyUI outlived its agent, and the impostor was refused with a message naming the name.
 """
@@ -47,8 +49,9 @@ async def _progress(stream: Stream, http: aiohttp.ClientSession, more: int, time
         await asyncio.sleep(0.5)
 
 
-async def run_chaos(root: Path, video: Path, agents: list[str]) -> dict[str, Any]:
-    cluster = Cluster(root, video)
+async def run_chaos(root: Path, video: Path, agents: list[str], database: str | None = None,
+                    routers: int = 1) -> dict[str, Any]:
+    cluster = Cluster(root, video, database=database, routers=routers)
     stream = Stream(cluster)
     victim = agents[0]
     comfyuis: list[psutil.Process] = []
@@ -65,7 +68,7 @@ async def run_chaos(root: Path, video: Path, agents: list[str]) -> dict[str, Any
                 await _progress(stream, http, 5)
                 await cluster.restart_router(signal.SIGTERM)
                 await _progress(stream, http, 5)
-                await cluster.restart_router(signal.SIGKILL)
+                await cluster.restart_router(signal.SIGKILL, routers - 1)
                 refusal = await cluster.impostor(victim)
                 while len(stream.accepted) < MIN_JOBS:
                     await asyncio.sleep(0.5)
@@ -85,7 +88,8 @@ async def run_chaos(root: Path, video: Path, agents: list[str]) -> dict[str, Any
         assert not comfy.is_running() or comfy.status() == psutil.STATUS_ZOMBIE, "ComfyUI outlived its agent's shutdown"
     assert report["jobs"] >= MIN_JOBS
     assert report["states"] == {"Completed": report["jobs"]}, report
-    assert f"an agent named '{victim}' is already connected" in refusal
+    assert f"an agent named '{victim}' is already connected" in refusal or \
+        f"an agent named '{victim}' is connected to another router" in refusal
     return {**report, "client_retries": stream.retries}
 
 
@@ -94,3 +98,8 @@ async def test_every_accepted_job_completes_through_every_fault(agents: list[str
                                                                 fixture_models: Path) -> None:
     report = await run_chaos(tmp_path, sample_video, agents)
     assert report["client_retries"] > 0, "the client did meet the router down, and retried with its refIds"
+
+
+async def test_two_routers_on_postgresql_lose_nothing_through_every_fault(tmp_path: Path, sample_video: Path,
+                                                                          fixture_models: Path, postgres: Any) -> None:
+    await run_chaos(tmp_path, sample_video, ["first", "second"], database=postgres.new_database(), routers=2)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from gpugate.errors import ConfigError
@@ -76,19 +77,25 @@ def test_a_callback_is_leased_to_one_router(stores: tuple[PostgresStore, Postgre
     assert second.due_deliveries(now + 1, 10) == [], "leased: due again only when the lease runs out"
 
 
-def test_an_agent_name_is_one_session_across_routers(stores: tuple[PostgresStore, PostgresStore]) -> None:
+def test_an_agent_name_is_one_session_across_routers(stores: tuple[PostgresStore, PostgresStore], database: str) -> None:
     first, second = stores
-    now = time.time()
-    assert first.admit_agent("gpu1", "process-a", "r1.s1", "r1", "{}", now, now - 10)
-    assert not second.admit_agent("gpu1", "process-b", "r2.s1", "r2", "{}", now, now - 10), "another process"
-    assert second.admit_agent("gpu1", "process-a", "r2.s2", "r2", "{}", now, now - 10), "the same one, failing over"
-    first.report_agents("r1", {"r1.s1": ("gpu1", "process-a", '{"stale": true}')}, now)  # r1's old session
-    [row] = second.agent_reports(now - 10)
+    assert first.admit_agent("gpu1", "process-a", "r1.s1", "r1", "{}", 10)
+    assert not second.admit_agent("gpu1", "process-b", "r2.s1", "r2", "{}", 10), "another process"
+    assert second.admit_agent("gpu1", "process-a", "r2.s2", "r2", "{}", 10), "the same one, failing over"
+    first.report_agents("r1", {"r1.s1": ("gpu1", "process-a", '{"stale": true}')})  # r1's old session
+    [row] = second.agent_reports(10)
     assert (row["session"], row["router"], row["report"]) == ("r2.s2", "r2", "{}"), "the old session wrote nothing back"
-    later = now + 30  # r2 silent since: its row is stale
-    assert first.admit_agent("gpu1", "process-b", "r1.s3", "r1", "{}", later, later - 10)
+    _age(database, "agent_reports", 30)  # r2 silent since: its row is stale
+    assert second.agent_reports(10) == []
+    assert first.admit_agent("gpu1", "process-b", "r1.s3", "r1", "{}", 10)
     second.agent_left("r2.s2")  # r2's session ends late: the new row is not its own
-    assert [r["session"] for r in first.agent_reports(0)] == ["r1.s3"]
+    assert [r["session"] for r in first.agent_reports(10)] == ["r1.s3"]
+
+
+def _age(database: str, table: str, seconds: float) -> None:
+    """Make every row of ``table`` as if last heard ``seconds`` earlier."""
+    with psycopg.connect(database, autocommit=True) as db:
+        db.execute(f"UPDATE {table} SET seen = seen - %s", (seconds,))
 
 
 def test_each_routers_cache_follows_the_others(stores: tuple[PostgresStore, PostgresStore]) -> None:
@@ -120,7 +127,7 @@ async def test_a_silent_routers_leases_start_their_clock_a_live_ones_do_not(
         stores: tuple[PostgresStore, PostgresStore], database: str) -> None:
     first, second = stores
     now = time.time()
-    first.router_seen("r1", "http://r1", now)  # router r1, alive, runs a job on its agent and one on its own worker
+    first.router_seen("r1", "http://r1")  # router r1, alive, runs a job on its agent and one on its own worker
     agents = first.add_job(_job())
     assert first.claim(agents, "gpu1", "r1.s1", now)
     worker = first.add_job(_job())
@@ -132,12 +139,27 @@ async def test_a_silent_routers_leases_start_their_clock_a_live_ones_do_not(
     assert peers.join() == {"r1"}
     queue.recover(now, 20, live_routers=peers.live)  # router r2 starts beside it: r1's jobs are r1's
     assert [(j.state, j.lease_expires) for j in queue.running()] == [(JobState.STARTED, None)] * 2
-    first.router_seen("r1", "http://r1", now - 60)  # r1 falls silent
+    _age(database, "routers", 60)  # r1 falls silent (and r2 with it, until its next beat)
     await peers._exchange()
-    leases = {j.id: j.lease_expires for j in queue.running()}
-    assert all(expires is not None and expires >= now + 19 for expires in leases.values()), leases
-    assert {r: second.get_job(r).lease_expires for r in leases} == leases  # type: ignore[union-attr]
-    assert "r1" not in second.routers() and "r2" in second.routers()
-    restarted = JobQueue(second, JobEvents())  # a router starting now: r1's own worker's job is queued again at once
-    restarted.recover(time.time(), 20)
-    assert restarted.live[worker.id].state == JobState.QUEUED and restarted.live[agents.id].state == JobState.STARTED
+    assert queue.live[worker.id].state == JobState.QUEUED, "r1's own worker's job: queued again at once, uncharged"
+    assert queue.live[worker.id].failures == 0
+    [lease] = queue.running()
+    assert lease.id == agents.id and lease.lease_expires is not None and lease.lease_expires >= now + 19
+    assert second.get_job(agents.id).lease_expires == lease.lease_expires  # type: ignore[union-attr]
+    assert second.silent_routers(5) == ({"r2"}, set()), "r1 forgotten; r2 heard again"
+
+
+def test_streamed_text_of_any_script_goes_in_notices_the_database_takes() -> None:
+    from gpugate.wire import Delta
+    from router.bus import PAYLOAD_MAX, Kind, Notice, notices_of
+
+    text = "漢字😀\n\x01" * 3000  # escaped in JSON: several times its length in characters
+    pieces = notices_of("r1", 7, Delta(job_id=7, attempt=2, offset=100, text=text))
+    assert len(pieces) > 1 and all(len(p.encode().encode()) <= PAYLOAD_MAX for p in pieces)
+    back = [Notice.decode(p.encode()) for p in pieces]
+    assert "".join(n.event.text for n in back) == text  # type: ignore[union-attr]
+    assert [n.event.offset for n in back] == [100 + sum(len(m.event.text) for m in back[:i])  # type: ignore[union-attr]
+                                              for i in range(len(back))]
+    assert notices_of("r1", 7, None) == [Notice("r1", Kind.JOB, 7)]
+    with pytest.raises(ValueError, match="not a notice"):
+        Notice.decode('{"r": "r1", "k": "progress", "j": 7, "e": {"oops": 1}}')

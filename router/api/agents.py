@@ -22,7 +22,8 @@ from gpugate.wire import (
     agent_message, version_of,
 )
 
-from ..sessions import Refusal
+from ..peers import Peers
+from ..sessions import AgentSession, Refusal, SessionRegistry
 from ..state import ARTIFACTS, DISPATCHER, OUTCOMES, PEERS, SESSIONS, SETTINGS
 from .errors import ApiError
 
@@ -56,10 +57,8 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
     peers = app[PEERS]
     try:
         session, replaced = app[SESSIONS].join(hello, send, ws.close)
-        if peers is not None and not await peers.admit(session):
-            app[SESSIONS].leave(session)
-            raise Refusal(f"an agent named {hello.name!r} is connected to another router of this database; each agent "
-                          "needs its own name: set agent.name (or GPUGATE_AGENT__NAME). Retrying in case it is leaving.")
+        if peers is not None:
+            await _admit(peers, app[SESSIONS], session)
     except Refusal as exc:
         log.warning("agent refused", extra={"agent": hello.name, "error": str(exc)})
         await _refuse(ws, str(exc), CLOSE_REFUSED)
@@ -110,6 +109,22 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
         if peers is not None:
             await peers.left(session)
     return ws
+
+
+async def _admit(peers: Peers, sessions: SessionRegistry, session: AgentSession) -> None:
+    """The routers sharing the database take this session, or it is refused (Refusal): its name is
+    another process's, connected to another router; or the database could not say (it retries)."""
+    try:
+        admitted = await peers.admit(session)
+    except Exception as exc:
+        log.exception("agent's name could not be checked across routers", extra={"agent": session.name})
+        sessions.leave(session)
+        raise Refusal(f"the router could not check the agent's name with the other routers ({type(exc).__name__}); "
+                      "retrying") from exc
+    if not admitted:
+        sessions.leave(session)
+        raise Refusal(f"an agent named {session.name!r} is connected to another router of this database; each agent "
+                      "needs its own name: set agent.name (or GPUGATE_AGENT__NAME). Retrying in case it is leaving.")
 
 
 async def _hello(ws: web.WebSocketResponse, raw: str | None) -> Hello | None:

@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS agent_reports (
 # version -> what brings the previous version's schema to it; a new column goes into both jobs and
 # archived_jobs (ALTER TABLE ... ADD COLUMN IF NOT EXISTS), and into SCHEMA for new databases
 MIGRATIONS: dict[int, str] = {2: SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS routers"):]}
+NOW = "extract(epoch FROM clock_timestamp())"  # the database's clock, in unix seconds
 ROUTER_LOCK = 4241  # exclusively by the one router of a database, or shared by routers with router.shared
 SCHEMA_LOCK = 4242
 PARTITION_LOCK = 4243
@@ -148,13 +149,19 @@ class PostgresStore:
         """Whether this router still holds its database (its lock's connection is alive). If the
         connection broke, a standby may have taken over: this router must stop serving. (Shared
         routers serve together anyway: losing the shared lock changes nothing.)"""
-        if self._lock is None or self.shared:
+        if self._lock is None:
             return True
         try:
             self._lock.execute("SELECT 1")
             return True
         except psycopg.Error:
-            return False
+            if not self.shared:
+                return False
+        try:  # a shared router takes its shared hold again, unless an exclusive router took the database meanwhile
+            self._lock = psycopg.connect(self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S))
+            return bool(self._lock.execute("SELECT pg_try_advisory_lock_shared(%s)", (ROUTER_LOCK,)).fetchone()[0])  # type: ignore[index]
+        except psycopg.Error:
+            return True  # the database is away: nobody else can take it either; asked again shortly
 
     def _migrate(self) -> None:
         """Create the schema in a new database, or bring an older one up to date; refuse a newer one."""
@@ -253,9 +260,10 @@ class PostgresStore:
     def requeue(self, job: Job) -> bool:
         return self._changed(
             "UPDATE jobs SET state = %s, agent = NULL, session = NULL, lease_expires = NULL, avoid = %s, "
-            "min_free_vram = %s, failures = %s WHERE id = %s AND state = %s AND attempt = %s",
+            "min_free_vram = %s, failures = %s WHERE id = %s AND state = %s AND attempt = %s "
+            "AND session IS NOT DISTINCT FROM %s",
             (JobState.QUEUED, json.dumps(job.avoid), job.min_free_vram, job.failures, job.id, JobState.STARTED,
-             job.attempt)) == 1
+             job.attempt, job.session)) == 1
 
     def finish(self, job: Job, now: float, delivery: Delivery | None = None) -> bool:
         """Record a final state, its output files and its callback in one transaction; only the
@@ -380,48 +388,54 @@ class PostgresStore:
         return self._changed("UPDATE api_keys SET revoked = TRUE WHERE id = %s AND NOT revoked", (key_id,)) == 1
 
     # ---- routers that share the database (router.shared, router/peers.py) ------------------------
+    # Times here are the database's (NOW), so routers on hosts whose clocks differ agree on who is silent.
 
-    def router_seen(self, router: str, url: str, now: float) -> None:
-        self._changed("INSERT INTO routers (id, url, started, seen) VALUES (%s, %s, %s, %s) "
-                      "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen", (router, url, now, now))
+    def router_seen(self, router: str, url: str) -> None:
+        self._changed(f"INSERT INTO routers (id, url, started, seen) VALUES (%s, %s, {NOW}, {NOW}) "
+                      "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen", (router, url))
 
-    def routers(self) -> dict[str, float]:
-        """Every router on record: id -> when it was last seen."""
-        return {r["id"]: r["seen"] for r in self._all("SELECT id, seen FROM routers")}
+    def silent_routers(self, timeout: float) -> tuple[set[str], set[str]]:
+        """(the routers heard from within ``timeout`` seconds, those silent longer)."""
+        rows = self._all(f"SELECT id, seen >= {NOW} - %s AS alive FROM routers", (timeout,))
+        return {r["id"] for r in rows if r["alive"]}, {r["id"] for r in rows if not r["alive"]}
 
-    def forget_router(self, router: str) -> None:
+    def forget_router(self, router: str, silent_for: float | None = None) -> None:
+        """Drop a router and its agents' reports: one that stops, or one silent for ``silent_for``
+        seconds (unless it spoke again meanwhile)."""
         with self._transaction() as db:
-            db.execute("DELETE FROM agent_reports WHERE router = %s", (router,))
-            db.execute("DELETE FROM routers WHERE id = %s", (router,))
+            gone = db.execute(f"DELETE FROM routers WHERE id = %s AND (%s::float8 IS NULL OR seen < {NOW} - %s)",
+                              (router, silent_for, silent_for)).rowcount
+            if gone:
+                db.execute("DELETE FROM agent_reports WHERE router = %s", (router,))
 
-    def admit_agent(self, name: str, instance: str, session: str, router: str, report: str, now: float,
-                    stale_before: float) -> bool:
+    def admit_agent(self, name: str, instance: str, session: str, router: str, report: str, timeout: float) -> bool:
         """Record ``session`` as the one live session of agent ``name``, across routers; False if
-        another instance of that name is connected (to any router) and was heard since ``stale_before``."""
+        another instance of that name is connected (to any router) and was heard within ``timeout`` seconds."""
         return self._changed(
-            "INSERT INTO agent_reports (name, instance, session, router, report, seen) VALUES (%s, %s, %s, %s, %s, %s) "
+            f"INSERT INTO agent_reports (name, instance, session, router, report, seen) VALUES (%s, %s, %s, %s, %s, {NOW}) "
             "ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, session = excluded.session, "
             "router = excluded.router, report = excluded.report, seen = excluded.seen "
-            "WHERE agent_reports.instance = excluded.instance OR agent_reports.seen < %s",
-            (name, instance, session, router, report, now, stale_before)) == 1
+            f"WHERE agent_reports.instance = excluded.instance OR agent_reports.seen < {NOW} - %s",
+            (name, instance, session, router, report, timeout)) == 1
 
-    def report_agents(self, router: str, reports: dict[str, tuple[str, str, str]], now: float) -> None:
+    def report_agents(self, router: str, reports: dict[str, tuple[str, str, str]]) -> None:
         """Fresh reports of this router's sessions (session id -> agent name, instance, report),
         written back if the agent's row is still that session's (or was forgotten meanwhile: this
         router was silent too long); a name another session took meanwhile is left to it."""
         if reports:
             with self._db() as db, db.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO agent_reports (name, instance, session, router, report, seen) VALUES (%s, %s, %s, %s, %s, %s) "
+                    f"INSERT INTO agent_reports (name, instance, session, router, report, seen) VALUES (%s, %s, %s, %s, %s, {NOW}) "
                     "ON CONFLICT (name) DO UPDATE SET report = excluded.report, seen = excluded.seen "
                     "WHERE agent_reports.session = excluded.session",
-                    [(name, instance, session, router, report, now) for session, (name, instance, report) in reports.items()])
+                    [(name, instance, session, router, report) for session, (name, instance, report) in reports.items()])
 
     def agent_left(self, session: str) -> None:
         self._changed("DELETE FROM agent_reports WHERE session = %s", (session,))
 
-    def agent_reports(self, heard_since: float) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM agent_reports WHERE seen >= %s", (heard_since,))
+    def agent_reports(self, timeout: float) -> list[dict[str, Any]]:
+        """The reports heard within ``timeout`` seconds."""
+        return self._all(f"SELECT * FROM agent_reports WHERE seen >= {NOW} - %s", (timeout,))
 
 
 def find_jobs(db: psycopg.Connection[dict[str, Any]], table: str, query: JobQuery) -> list[Job]:

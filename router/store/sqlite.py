@@ -130,12 +130,13 @@ class SqliteStore:
         return cur.rowcount == 1
 
     def requeue(self, job: Job) -> bool:
-        """Queue a running attempt again (with what the retry policy decided); only that attempt can."""
+        """Queue a running attempt again (with what the retry policy decided); only that attempt, under
+        the lease its caller saw (a lease that moved meanwhile is not the caller's to give up), can."""
         cur = self._db.execute(
             "UPDATE jobs SET state = ?, agent = NULL, session = NULL, lease_expires = NULL, avoid = ?, "
-            "min_free_vram = ?, failures = ? WHERE id = ? AND state = ? AND attempt = ?",
+            "min_free_vram = ?, failures = ? WHERE id = ? AND state = ? AND attempt = ? AND session IS ?",
             (JobState.QUEUED, json.dumps(job.avoid), job.min_free_vram, job.failures, job.id, JobState.STARTED,
-             job.attempt))
+             job.attempt, job.session))
         return cur.rowcount == 1
 
     def finish(self, job: Job, now: float, delivery: Delivery | None = None) -> bool:
