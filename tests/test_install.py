@@ -39,14 +39,18 @@ def test_the_dockerfile_passes_hadolint_and_installs_with_install_sh() -> None:
     assert 'VOLUME ["/app/models", "/app/data"]' in instructions
 
 
-def test_the_high_availability_override_adds_postgresql_and_a_standby_router() -> None:
+def test_the_high_availability_override_runs_two_routers_on_postgresql_behind_a_balancer() -> None:
     ha = yaml.safe_load((PROJECT_ROOT / "docker-compose.ha.yml").read_text())["services"]
-    url = ha["router"]["environment"]["GPUGATE_ROUTER__DATABASE_URL"]
-    assert url.startswith("postgresql://") and ha["router-standby"]["environment"]["GPUGATE_ROUTER__DATABASE_URL"] == url
-    assert ha["router-standby"]["environment"]["GPUGATE_ROUTER__STANDBY"] == "true"
-    assert ha["router-standby"]["volumes"] == ha["router"]["volumes"], "one data folder: the file store and the secrets"
-    assert ha["agent"]["environment"]["GPUGATE_AGENT__ROUTER_URL"] == "http://router:8420,http://router-standby:8420"
-    assert ha["router"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    one, two = ha["router"], ha["router-b"]
+    url = one["environment"]["GPUGATE_ROUTER__DATABASE_URL"]
+    assert url.startswith("postgresql://") and two["environment"]["GPUGATE_ROUTER__DATABASE_URL"] == url
+    assert one["environment"]["GPUGATE_ROUTER__SHARED"] == two["environment"]["GPUGATE_ROUTER__SHARED"] == "true"
+    assert one["volumes"] == two["volumes"], "one data folder: the file store and the secrets"
+    assert ha["agent"]["environment"]["GPUGATE_AGENT__ROUTER_URL"] == "http://router:8420,http://router-b:8420"
+    assert one["depends_on"]["postgres"]["condition"] == "service_healthy"
+    conf = (PROJECT_ROOT / "deploy" / "nginx-routers.conf").read_text()
+    assert "server router:8420" in conf and "server router-b:8420" in conf and "proxy_buffering off" in conf
+    assert ha["balancer"]["volumes"] == ["./deploy/nginx-routers.conf:/etc/nginx/nginx.conf:ro"]
 
 
 def test_compose_runs_a_router_and_an_agent_that_reserves_the_gpus() -> None:
