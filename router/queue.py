@@ -27,6 +27,7 @@ from gpugate.errors import FailureKind
 from gpugate.wire import Delta, Failure, Progress
 
 from .api.responses import status_text
+from .backlog import Backlog
 from .events import JobEvents
 from .retry import Decision
 from .sessions import is_local_worker, router_of
@@ -45,7 +46,9 @@ class JobQueue:
         self.store = store
         self.events = events
         self.live: dict[int, Job] = {}
-        self.waiting_reason: dict[int, str] = {}
+        self.backlog = Backlog(self.live)  # the queued ones, indexed for dispatch
+        self._started: set[int] = set()  # ids of running jobs (and some that no longer run: dropped when met)
+        self.explain: Callable[[Job], str | None] = lambda job: None  # why a queued job waits (the dispatcher's)
         self.progress: dict[int, Progress] = {}
         self._callback_for = callback_for or (lambda job: None)
         self._on_finished = on_finished or (lambda job: None)
@@ -62,6 +65,7 @@ class JobQueue:
         ``live_routers`` (other routers serving the same database) are theirs, and left alone."""
         for job in self.store.unfinished_jobs():
             self.live[job.id] = job
+            self._track(job)
             if job.state != JobState.STARTED or router_of(job.session) in live_routers:
                 continue
             if is_local_worker(job.agent):
@@ -81,6 +85,7 @@ class JobQueue:
         if cached is None:
             if stored is not None and stored.state in LIVE:
                 self.live[job_id] = stored
+                self._track(stored)
                 self.on_change()
             elif stored is not None:  # over before this router had it: a watcher may wait on it still
                 self.events.notify(job_id, stored)
@@ -95,8 +100,7 @@ class JobQueue:
         elif (stored.state, stored.attempt) != (before.state, before.attempt):
             if stored.state == JobState.QUEUED:
                 self.progress.pop(job_id, None)
-            else:
-                self.waiting_reason.pop(job_id, None)
+            self._track(cached)
             self.on_change()
         return before
 
@@ -109,6 +113,7 @@ class JobQueue:
             cached, fresh = self.live.get(job_id), stored.get(job_id)
             if cached is None and fresh is not None:
                 self.live[job_id] = fresh  # not cached: not changed here either
+                self._track(fresh)
             elif fresh is None or _lease(cached) != _lease(fresh):
                 self.follow(job_id)
         self.on_change()
@@ -119,6 +124,7 @@ class JobQueue:
         job.created = time.time()
         self.store.add_job(job)
         self.live[job.id] = job
+        self._track(job)
         self.announce(job.id, None)
         log.info("job queued", extra={"job": job.id, "api": job.api})
         self.on_change()
@@ -144,7 +150,7 @@ class JobQueue:
         return False, job
 
     def status_text(self, job: Job) -> str:
-        return status_text(job, self.waiting_reason.get(job.id), self.progress.get(job.id))
+        return status_text(job, self.explain(job) if job.state == JobState.QUEUED else None, self.progress.get(job.id))
 
     # ---- state changes (dispatch and outcomes) -------------------------------------------------------
 
@@ -152,10 +158,25 @@ class JobQueue:
         return [j for j in self.live.values() if j.state == JobState.QUEUED]
 
     def running(self) -> list[Job]:
-        return [j for j in self.live.values() if j.state == JobState.STARTED]
+        """The running jobs (the cost of their number, not the queue's)."""
+        jobs = []
+        for job_id in list(self._started):
+            job = self.live.get(job_id)
+            if job is None or job.state != JobState.STARTED:
+                self._started.discard(job_id)
+            else:
+                jobs.append(job)
+        return jobs
 
     def running_by_session(self) -> Counter[str]:
-        return Counter(j.session for j in self.live.values() if j.state == JobState.STARTED and j.session)
+        return Counter(j.session for j in self.running() if j.session)
+
+    def _track(self, job: Job) -> None:
+        """Index a job that is now queued or running (router/backlog.py; ``running``)."""
+        if job.state == JobState.STARTED:
+            self._started.add(job.id)
+        else:
+            self.backlog.add(job)
 
     def claim(self, job: Job, agent: str, session: str) -> bool:
         """Start the job's next attempt under ``session``'s lease; False if it is no longer queued."""
@@ -164,9 +185,9 @@ class JobQueue:
             self._reload(job)  # it changed under us: follow the store
             return False
         job.state, job.agent, job.session, job.lease_expires = JobState.STARTED, agent, session, None
+        self._started.add(job.id)
         job.attempt += 1
         job.started = now
-        self.waiting_reason.pop(job.id, None)
         self.announce(job.id, None)
         return True
 
@@ -179,7 +200,7 @@ class JobQueue:
 
     def leases_of(self, sessions: Iterable[str]) -> list[Job]:
         wanted = set(sessions)
-        return [j for j in self.live.values() if j.state == JobState.STARTED and j.session in wanted]
+        return [j for j in self.running() if j.session in wanted]
 
     def set_progress(self, job: Job, progress: Progress, here: bool = True) -> None:
         """A running job's progress: for its status and its watchers (and other routers' if ``here``)."""
@@ -203,6 +224,7 @@ class JobQueue:
             self._reload(job)
             return
         _update(job, again, state=JobState.QUEUED, agent=None, session=None, lease_expires=None)
+        self._track(job)
         self.progress.pop(job.id, None)
         self.announce(job.id, None)
         log.info("job queued again", extra={"job": job.id, "attempt": job.attempt, "failures": job.failures})
@@ -225,7 +247,6 @@ class JobQueue:
         """The job is over (``here``: by this router, which counts it in its metrics)."""
         self.live.pop(job.id, None)
         self.progress.pop(job.id, None)
-        self.waiting_reason.pop(job.id, None)
         self.events.notify(job.id, job)
         if here:
             self._on_finished(job)
@@ -240,6 +261,7 @@ class JobQueue:
             self.live.pop(job.id, None)
             return
         _update(job, stored)
+        self._track(job)
         if stored.state not in LIVE:
             self._ended(job, here=False)
 
@@ -267,8 +289,7 @@ class JobQueue:
         return len(jobs)
 
     def expired_leases(self, now: float) -> list[Job]:
-        return [j for j in self.live.values()
-                if j.state == JobState.STARTED and j.lease_expires is not None and j.lease_expires <= now]
+        return [j for j in self.running() if j.lease_expires is not None and j.lease_expires <= now]
 
 
 def _lease(job: Job | None) -> tuple[Any, ...]:

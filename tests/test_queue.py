@@ -120,7 +120,7 @@ async def test_out_of_memory_moves_the_job_to_an_agent_with_more_free_memory(fle
     fleet.outcomes.failed(small, Failed(job_id=job.id, attempt=1, failure=Failure(kind=FailureKind.OUT_OF_MEMORY, message="oom")))
     small.slots = 1
     assert await fleet.dispatch() == []
-    assert fleet.queue.waiting_reason[job.id].startswith("waiting for a free agent"), "small no longer qualifies; big is busy"
+    assert fleet.queue.status_text(job).startswith("waiting for a free agent"), "small no longer qualifies; big is busy"
     big.slots = 1
     [(name, offer)] = await fleet.dispatch()
     assert name == "big" and offer.attempt == 2
@@ -259,7 +259,7 @@ async def test_a_job_no_agent_can_take_fails_after_the_limit_with_the_reason(fle
     fleet.join("a")
     now = time.time()
     await fleet.dispatcher.dispatch(now)
-    assert fleet.queue.waiting_reason[job.id] == "no agent has model nowhere.safetensors"
+    assert fleet.queue.status_text(job) == "no agent has model nowhere.safetensors"
     await fleet.dispatcher.dispatch(now + 31)
     stored = fleet.stored(job)
     assert stored.state == JobState.FAILED and stored.error is not None and stored.error["kind"] == "unschedulable"
@@ -277,7 +277,7 @@ async def test_an_agent_failing_jobs_in_a_row_is_paused(fleet: Fleet) -> None:
             kind=FailureKind.INFRASTRUCTURE, message="the disk is full")))
     assert await fleet.dispatch() == [], "paused: it would only fail the next one too"
     waiting = fleet.queue.queued()[0]
-    assert "3 infrastructure failures in a row, the last: the disk is full" in fleet.queue.waiting_reason[waiting.id]
+    assert "3 infrastructure failures in a row, the last: the disk is full" in fleet.queue.status_text(waiting)
     healthy, _, _ = fleet.join("healthy")
     assert [name for name, _ in await fleet.dispatch()] == ["healthy"]
 
@@ -420,3 +420,23 @@ async def test_key_weights_hold_when_slots_free_one_at_a_time(fleet: Fleet) -> N
         [(_, offer)] = await fleet.dispatch()
         keys.append(fleet.queue.live[offer.job_id].key_id)
     assert keys.count(1) == 6 and keys.count(2) == 2, keys
+
+
+async def test_a_pass_reads_what_agents_can_take_and_a_job_queued_again_keeps_its_place(fleet: Fleet) -> None:
+    stuck = [fleet.submit(model="nowhere.safetensors") for _ in range(300)]  # no agent has it: never read by a pass
+    first, second = fleet.submit(), fleet.submit()
+    agent, _, _ = fleet.join("a")
+    [(_, offer)] = await fleet.dispatch()
+    assert offer.job_id == first.id
+    fleet.outcomes.failed(agent, Failed(job_id=first.id, attempt=1, failure=Failure(kind=FailureKind.INFRASTRUCTURE,
+                                                                                    message="disk full")))
+    assert fleet.stored(first).state == JobState.QUEUED
+    agent.slots = 1
+    [(_, offer)] = await fleet.dispatch()
+    assert offer.job_id == first.id and offer.attempt == 2, "queued again: back in its place, before the newer job"
+    agent.slots = 1
+    assert [o.job_id for _, o in await fleet.dispatch()] == [second.id]  # type: ignore[union-attr]
+    assert fleet.queue.status_text(stuck[0]) == "no agent has model nowhere.safetensors"
+    fleet.queue.backlog.compact()
+    assert {j.id for j in fleet.queue.backlog.jobs(("txt2img", "nowhere.safetensors"))} == {j.id for j in stuck}
+    assert list(fleet.queue.backlog.jobs(("txt2img", "m.safetensors"))) == [], "handed out: out of the index"

@@ -55,8 +55,7 @@ async def answer_when_done(request: web.Request, job: Job, model: type[ApiReques
     """A sync call's answer: the finished job, or its reference at once when no connected agent
     can take it (no agent has the model, the memory, the workflow), or after the sync timeout."""
     app = request.app
-    if job.state == JobState.QUEUED and (reason := app[DISPATCHER].cannot_place(job, time.time())) is not None:
-        app[QUEUE].waiting_reason.setdefault(job.id, reason)
+    if job.state == JobState.QUEUED and app[DISPATCHER].cannot_place(job, time.time()) is not None:
         return web.json_response(_reference(request, job).body())
     finished = await app[QUEUE].wait_finished(job, app[SETTINGS].router.sync_timeout_s)
     if finished is not None:
