@@ -44,7 +44,7 @@ REFERENCE_UP_TO = 5_000  # the per-job loop takes seconds a pass beyond this
 PASSES = 5
 
 
-def fleet(store: SqliteStore, jobs: int) -> tuple[JobQueue, SessionRegistry, Dispatcher]:
+async def fleet(store: SqliteStore, jobs: int) -> tuple[JobQueue, SessionRegistry, Dispatcher]:
     queue = JobQueue(store, JobEvents())
     sessions = SessionRegistry()
 
@@ -58,7 +58,7 @@ def fleet(store: SqliteStore, jobs: int) -> tuple[JobQueue, SessionRegistry, Dis
                       capabilities=[Capability(name="txt2img", model_kind="checkpoints")])
         sessions.join(hello, send, send)  # slots stay 0: every agent busy
     for j in range(jobs):
-        queue.submit(Job(id=0, api="TextToImage", capability="txt2img", params={"prompt": "x"}, inputs={},
+        await queue.submit(Job(id=0, api="TextToImage", capability="txt2img", params={"prompt": "x"}, inputs={},
                          model=f"m{j % MODELS}.safetensors", megapixels=0.25, max_attempts=3, key_id=j % KEYS))
     return queue, sessions, Dispatcher(queue, sessions, unplaceable_timeout_s=0)
 
@@ -92,7 +92,7 @@ def main() -> None:
     for size in SIZES:
         with tempfile.TemporaryDirectory() as tmp:
             store = SqliteStore(Path(tmp) / "router.db")
-            queue, sessions, dispatcher = fleet(store, size)
+            queue, sessions, dispatcher = asyncio.run(fleet(store, size))
             now = time.time()
             current = timed(lambda: asyncio.run(dispatcher.dispatch(now)))
             reference = timed(lambda: per_job_pass(queue, sessions, now)) if size <= REFERENCE_UP_TO else None

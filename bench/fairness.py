@@ -22,7 +22,7 @@ import platform
 import random
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +74,12 @@ class Simulation:
         session.slots, session.loaded = 1, {models[0]}
         session.offered_jobs = offered  # type: ignore[attr-defined]
 
-    def at(self, when: float, action: Callable[[], None]) -> None:
+    def at(self, when: float, action: Callable[[], Awaitable[None]]) -> None:
         self._seq += 1
         heapq.heappush(self.events, (when, self._seq, action))
 
-    def submit(self, key_id: int | None, model: str) -> None:
-        job = self.queue.submit(Job(id=0, api="TextToImage", capability="txt2img", params={}, inputs={}, model=model,
+    async def submit(self, key_id: int | None, model: str) -> None:
+        job = await self.queue.submit(Job(id=0, api="TextToImage", capability="txt2img", params={}, inputs={}, model=model,
                                     megapixels=0.25, max_attempts=1, key_id=key_id))
         self.submitted[job.id] = self.now
 
@@ -88,7 +88,7 @@ class Simulation:
         await self._dispatch()
         while self.events and not until():
             self.now, _, action = heapq.heappop(self.events)
-            action()
+            await action()
             await self._dispatch()
         return self.now
 
@@ -108,8 +108,8 @@ class Simulation:
             took += self.swap_s
             session.loaded = {job.model or ""}
 
-        def done() -> None:
-            self.queue.finish(job, JobState.COMPLETED, results={})
+        async def done() -> None:
+            await self.queue.finish(job, JobState.COMPLETED, results={})
             session.slots += 1
 
         self.at(self.now + took, done)
@@ -123,12 +123,12 @@ def _p(values: list[float], q: float) -> float:
 async def keys_scenario(folder: Path, fair: bool) -> dict[str, Any]:
     sim = Simulation(folder, {f"agent-{i}": ["m.safetensors"] for i in range(4)}, run_s=1.0)
     for _ in range(10_000):
-        sim.submit(1 if fair else None, "m.safetensors")  # without keys: one first-come queue
+        await sim.submit(1 if fair else None, "m.safetensors")  # without keys: one first-come queue
     b_jobs: list[int] = []
 
-    def b_sends(n: int) -> Callable[[], None]:
-        def send() -> None:
-            sim.submit(2 if fair else None, "m.safetensors")
+    def b_sends(n: int) -> Callable[[], Awaitable[None]]:
+        async def send() -> None:
+            await sim.submit(2 if fair else None, "m.safetensors")
             b_jobs.append(max(sim.submitted))
             if n + 1 < 300:
                 sim.at(sim.now + 1.0, b_sends(n + 1))
@@ -149,7 +149,7 @@ async def swaps_scenario(folder: Path, lookahead: int) -> dict[str, Any]:
     sim = Simulation(folder, {"agent-0": models, "agent-1": models[::-1]}, run_s=1.0, swap_s=5.0, lookahead=lookahead)
     pick = random.Random(7)
     for _ in range(200):
-        sim.submit(1, pick.choice(models))
+        await sim.submit(1, pick.choice(models))
     makespan = await sim.run(lambda: False)
     sim.store.close()
     return {"makespan_s": round(makespan, 1), "swaps": sim.swaps, "mean_wait_s": round(statistics.mean(sim.waits.values()), 1)}

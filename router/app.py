@@ -104,10 +104,14 @@ def _store(given: Store | None):  # noqa: ANN202 - a cleanup context
             app[STORE] = await asyncio.to_thread(open_store, settings, True, app[GIVE_UP])
         else:  # SQLite's connection stays on the thread that made it: this one
             app[STORE] = open_store(settings, router=True)
+        if (open_async := getattr(app[STORE], "open_async", None)) is not None:
+            await open_async()  # a store across the network: its hot calls on this loop, never blocking it
         app[ARCHIVE] = open_archive(app[SETTINGS], app[STORE])
         await bring_up_to_date(app[STORE], app[ARCHIVE])
         yield
         app[ARCHIVE].close()
+        if (close_async := getattr(app[STORE], "close_async", None)) is not None:
+            await close_async()
         app[STORE].close()
 
     return ctx
@@ -127,7 +131,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     peers = app[PEERS] = Peers(store, settings.router, queue, app[SESSIONS], outcomes) \
         if getattr(store, "shared", False) else None  # type: ignore[arg-type]
     others = peers.join() if peers is not None else frozenset()
-    queue.recover(time.time(), settings.router.lease_grace_s, live_routers=others)
+    await queue.recover(time.time(), settings.router.lease_grace_s, live_routers=others)
     worker = f"{LOCAL_WORKER}@{app[SESSIONS].router_id}" if peers is not None else LOCAL_WORKER  # one per router
     tasks = [*([_supervised("peers", peers.run)] if peers is not None else []),
              _supervised("dispatcher", dispatcher.run),
@@ -161,7 +165,7 @@ async def _watchdog(app: web.Application) -> None:
         for session in app[SESSIONS].silent_since(time.monotonic() - timeout):
             log.warning("agent silent, closing its connection", extra={"agent": session.name})
             await session.disconnect()  # its socket handler then starts its leases' clock
-        app[OUTCOMES].expire_leases(time.time())
+        await app[OUTCOMES].expire_leases(time.time())
 
 
 async def _keep_database(store: Store) -> None:

@@ -78,12 +78,14 @@ def notices_of(router: str, job_id: int, event: Progress | Delta | None) -> list
 
 
 class Bus:
-    def __init__(self, url: str, router: str, on_notice: Callable[[Notice], Awaitable[None]],
+    def __init__(self, url: str, router: str, on_notices: Callable[[list[Notice]], Awaitable[None]],
                  on_connected: Callable[[], Awaitable[None]]) -> None:
         self.url, self.router = url, router
-        self._on_notice, self._on_connected = on_notice, on_connected
+        self._on_notices, self._on_connected = on_notices, on_connected
         self._out: deque[Notice] = deque()
         self._ready = asyncio.Event()
+        self._in: deque[Notice] = deque()  # heard, not yet applied
+        self._heard = asyncio.Event()
         self.dropped = 0  # progress and text notices not sent (too many waiting)
 
     def publish(self, job_id: int, event: Progress | Delta | None = None) -> None:
@@ -99,6 +101,7 @@ class Bus:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._connected("sender", self._send))
             tasks.create_task(self._connected("listener", self._listen))
+            tasks.create_task(self._deliver())
 
     async def _send(self, db: psycopg.AsyncConnection[Any]) -> None:
         while True:
@@ -138,20 +141,28 @@ class Bus:
                 except ValueError as exc:
                     log.warning("bad notice ignored", extra={"error": str(exc)})
                     continue
-                if notice.router == self.router:
-                    continue
-                try:
-                    await self._on_notice(notice)
-                except psycopg.OperationalError:
-                    raise
-                except Exception:  # one notice that cannot be applied must not stop the others
-                    log.exception("notice not applied", extra={"job": notice.job_id, "kind": notice.kind})
+                if notice.router != self.router:
+                    self._in.append(notice)
+                    self._heard.set()
             await db.execute("SELECT 1")  # quiet for a while: is the connection still there?
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                                      keepalives=1, keepalives_idle=10, keepalives_interval=5,
                                                      keepalives_count=3)
+
+    async def _deliver(self) -> None:
+        """Hand what was heard to the router, in order, as many notices at once as have come (under
+        load, many job changes are followed with one read of the store)."""
+        while True:
+            await self._heard.wait()
+            self._heard.clear()
+            batch = list(self._in)
+            self._in.clear()
+            try:
+                await self._on_notices(batch)
+            except Exception:  # notices that cannot be applied must not stop the ones after them
+                log.exception("notices not applied", extra={"jobs": sorted({n.job_id for n in batch})[:20]})
 
     async def _connected(self, role: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]) -> None:
         """Run ``work`` on a connection of its own, on a new one whenever the last broke."""

@@ -41,7 +41,7 @@ from gpugate.settings import Router as RouterSettings
 
 from .api.responses import status_of, status_text
 from .chat import CAPABILITY as CHAT, chat_status_body
-from .store import Delivery, Job, Store
+from .store import Delivery, Job, Store, store_call
 from .urls import Links, UrlSigner
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class CallbackSender:
             try:
                 while True:
                     try:
-                        wait = self._start_due(http)
+                        wait = await self._start_due(http)
                     except Exception:
                         log.exception("callback pass failed; retrying")
                         wait = RETRY_PASS_S
@@ -190,26 +190,26 @@ class CallbackSender:
                     task.cancel()
                 await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
 
-    def _start_due(self, http: aiohttp.ClientSession) -> float:
+    async def _start_due(self, http: aiohttp.ClientSession) -> float:
         """Start what is due (up to MAX_IN_FLIGHT at once); how long until the next is due."""
         self._wake.clear()
         now = time.time()
         if now - self._pruned > PRUNE_EVERY_S:  # finished deliveries are kept a while, then dropped
-            self.store.forget_deliveries(now - self.settings.callback_give_up_s)
+            await store_call(self.store, self.store.forget_deliveries, now - self.settings.callback_give_up_s)
             self._pruned = now
         room = MAX_IN_FLIGHT - len(self._in_flight)
-        for delivery in self.store.due_deliveries(now, room) if room > 0 else ():
+        for delivery in await store_call(self.store, self.store.due_deliveries, now, room) if room > 0 else ():
             # leased for the attempt's length (due again only if the router stops meanwhile), by one
             # router: routers sharing a database (router.shared) each deliver what they lease
             until = now + self.settings.callback_timeout_s + LEASE_MARGIN_S
-            if not self.store.claim_delivery(delivery, until):
+            if not await store_call(self.store, self.store.claim_delivery, delivery, until):
                 continue
             delivery.attempts += 1
             delivery.next_at = until
             task = asyncio.create_task(self._attempt(http, delivery), name=f"callback-job-{delivery.job_id}")
             self._in_flight[delivery.id] = task
             task.add_done_callback(lambda _, key=delivery.id: self._attempt_ended(key))
-        next_at = self.store.next_delivery_at()  # (routers sharing a database add deliveries unseen: look again soon)
+        next_at = await store_call(self.store, self.store.next_delivery_at)  # (routers sharing a database add deliveries unseen: look again soon)
         return min(max(0.0, next_at - time.time()), IDLE_LOOK_S) if next_at is not None else IDLE_LOOK_S
 
     def _attempt_ended(self, delivery_id: int) -> None:
@@ -237,14 +237,14 @@ class CallbackSender:
                     log.info("callback failed; will retry", extra={**extra, "error": error,
                                                                   "in_s": round(next_at - time.time(), 1)})
             self.outcomes["retried" if delivery.state == "pending" else delivery.state] += 1
-            self.store.update_delivery(delivery)
+            await store_call(self.store, self.store.update_delivery, delivery)
         except Exception:  # the lease runs out and the delivery is tried again
             log.exception("callback attempt failed", extra=extra)
 
     async def _post(self, http: aiohttp.ClientSession, delivery: Delivery) -> tuple[str | None, bool]:
         """One signed POST: (None, False) on a 2xx answer, else what went wrong and whether the
         address was refused (then retrying is pointless)."""
-        key = self.store.get_key(delivery.key_id) if delivery.key_id is not None else None
+        key = await store_call(self.store, self.store.get_key, delivery.key_id) if delivery.key_id is not None else None
         secret = key.webhook_secret if key is not None and key.webhook_secret else self.server_secret
         body = delivery.body.encode()
         timestamp = int(time.time())

@@ -108,7 +108,7 @@ class Dispatcher:
         self._views = None  # the agents changed or will: reasons are worked out afresh
         if now - self._ticked >= TICK_S:
             self._ticked = now
-            self._time_limits(now)
+            await self._time_limits(now)
         if not any(s.slots > 0 or any(n > 0 for n in s.pools.values()) for s in self.sessions.sessions.values()):
             return  # every agent busy: nothing to hand out (the views are not even built)
         running = self.queue.running_by_session()
@@ -133,7 +133,7 @@ class Dispatcher:
                 if choice is None:
                     choice = decided[needs] = _place(needs, views, peers)
                 if isinstance(choice, Unplaceable):
-                    self._waits(job, choice, now)
+                    await self._waits(job, choice, now)
                     i += 1
                     continue
                 swap_free = None if job.model is None or job.model in choice.loaded \
@@ -146,7 +146,7 @@ class Dispatcher:
                 taken.add(job.id)
                 self._unplaceable_since.pop(job.id, None)
                 session = self.sessions.sessions[choice.name]
-                if not self.queue.claim(job, session.name, session.id):
+                if not await self.queue.claim(job, session.name, session.id):
                     continue  # finished meanwhile (cancelled, say), or another router's agent took it
                 session.offered(job.capability)
                 running[session.id] += 1
@@ -165,7 +165,7 @@ class Dispatcher:
             except (ConnectionError, RuntimeError) as exc:  # closing: its lease clock starts when it is gone
                 log.warning("job not sent", extra={"job": offer.job_id, "agent": session.name, "error": str(exc)})
 
-    def _time_limits(self, now: float) -> None:
+    async def _time_limits(self, now: float) -> None:
         """Once a second: jobs of groups no agent of any router can take (no agent runs the
         capability or has the model) are timed, and fail once past ``unplaceable_timeout_s``;
         what no longer waits is forgotten. (A job that no agent can take for its own reasons,
@@ -183,7 +183,7 @@ class Dispatcher:
             why = choose(_lenient(group), everyone)
             if isinstance(why, Unplaceable) and why.missing:
                 for job in list(backlog.jobs(group)):
-                    self._waits(job, why, now)
+                    await self._waits(job, why, now)
 
     def _served(self, key_id: int | None) -> None:
         start = max(self._vtime.get(key_id, self._clock), self._clock)
@@ -201,7 +201,7 @@ class Dispatcher:
                 return job
         return None
 
-    def _waits(self, job: Job, why: Unplaceable, now: float) -> None:
+    async def _waits(self, job: Job, why: Unplaceable, now: float) -> None:
         """The job cannot be placed: while that is only a wait (all busy), no clock; else it is
         timed, and failed once past ``unplaceable_timeout_s``."""
         if why.busy:
@@ -211,7 +211,7 @@ class Dispatcher:
         if self.unplaceable_timeout_s and now - since >= self.unplaceable_timeout_s and job.state == JobState.QUEUED:
             message = f"no connected agent could take it for {now - since:.0f}s: {why.reason}"
             log.warning("job unschedulable", extra={"job": job.id, "error": message})
-            self.queue.finish(job, JobState.FAILED, Failure(kind=FailureKind.UNSCHEDULABLE, message=message))
+            await self.queue.finish(job, JobState.FAILED, Failure(kind=FailureKind.UNSCHEDULABLE, message=message))
 
 
 class _Buffered:

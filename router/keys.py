@@ -58,11 +58,17 @@ def read_or_make(path: Path, make: Callable[[], str]) -> str:
     return value
 
 
-def authenticate(store: Store, authorization: str | None) -> Key | None:
-    """The live key behind an ``Authorization: Bearer`` header, or None."""
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, or None."""
     if not authorization or not authorization.startswith("Bearer "):
         return None
-    key = store.key_by_digest(digest(authorization[len("Bearer "):].strip()))
+    return authorization[len("Bearer "):].strip() or None
+
+
+def authenticate(store: Store, authorization: str | None) -> Key | None:
+    """The live key behind an ``Authorization: Bearer`` header, or None."""
+    token = bearer(authorization)
+    key = store.key_by_digest(digest(token)) if token else None
     return key if key is not None and not key.revoked else None
 
 

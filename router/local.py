@@ -48,7 +48,7 @@ async def local_worker(sessions: SessionRegistry, outcomes: Outcomes, dispatcher
                   capabilities=[Capability(name=c, vram_base=0, vram_per_megapixel=0) for c in TRANSFORMS],
                   concurrency=CONCURRENCY)
     me, _ = sessions.join(hello, send, disconnect, local=True)
-    outcomes.resume(me, [])  # what the last router's own worker was running died with it: queued again
+    await outcomes.resume(me, [])  # what the last router's own worker was running died with it: queued again
     me.slots = CONCURRENCY
     me.last_seen = math.inf  # in-process: never silent
     try:
@@ -77,12 +77,12 @@ async def _run(me: AgentSession, offer: JobOffer, outcomes: Outcomes, dispatcher
                                      artifacts=[Artifact(name=name, file_name=f"{offer.capability}.{ext}",
                                                          media_type=f"image/{ext}", size=len(data))]))
     except JobFailed as exc:
-        outcomes.failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(exc)))
+        await outcomes.failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure.of(exc)))
     except asyncio.CancelledError:  # stopped: the job is over already; only the slot comes back
         pass
     except Exception as exc:  # a bug or a broken file must end the job, never hang it
         log.exception("local transform failed", extra={"job": offer.job_id})
-        outcomes.failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure(
+        await outcomes.failed(me, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure(
             kind=FailureKind.EXECUTION, message=f"{type(exc).__name__}: {exc}")))
     finally:
         me.slots += 1

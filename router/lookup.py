@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Mapping
 
 from .archive import Archive
-from .store import Job, JobQuery, Store
+from .store import Job, JobQuery, Store, store_call
 
 
 class JobFinder:
@@ -19,16 +19,16 @@ class JobFinder:
         self.live, self.store, self.archive = live, store, archive  # live: the queue's (none on the command line)
 
     async def get(self, job_id: int) -> Job | None:
-        job = self.live.get(job_id) or self.store.get_job(job_id)
+        job = self.live.get(job_id) or await store_call(self.store, self.store.get_job, job_id)
         return job or await asyncio.to_thread(self.archive.get, job_id)
 
     async def get_by_ref(self, key_id: int | None, ref_id: str) -> Job | None:
-        job_id = self.store.job_id_by_ref(key_id, ref_id)
+        job_id = await store_call(self.store, self.store.job_id_by_ref, key_id, ref_id)
         return await self.get(job_id) if job_id is not None else None
 
     async def find(self, query: JobQuery) -> list[Job]:
         """Jobs matching ``query`` in the live store and the archive, newest first."""
-        found = {j.id: j for j in self.store.find_jobs(query)}
+        found = {j.id: j for j in await store_call(self.store, self.store.find_jobs, query)}
         if len(found) < query.limit:
             found |= {j.id: j for j in await asyncio.to_thread(self.archive.find, query) if j.id not in found}
         return sorted(found.values(), key=lambda j: -j.id)[:query.limit]

@@ -57,20 +57,20 @@ class Outcomes:
                 await self.retention.discard_unowned([a.name for a in message.artifacts])
             return
         if missing := self.retention.missing([a.name for a in message.artifacts]):
-            self.failed(session, Failed(job_id=job.id, attempt=job.attempt, failure=Failure(
+            await self.failed(session, Failed(job_id=job.id, attempt=job.attempt, failure=Failure(
                 kind=FailureKind.INFRASTRUCTURE, message=f"outputs missing from the router's file store: {missing}")))
             return
         self.sessions.record(session.name, None, "", time.time())
-        self.queue.finish(job, JobState.COMPLETED, results={
+        await self.queue.finish(job, JobState.COMPLETED, results={
             "artifacts": [a.model_dump() for a in message.artifacts], "texts": message.texts, "details": message.details})
 
-    def failed(self, session: AgentSession, message: Failed) -> None:
+    async def failed(self, session: AgentSession, message: Failed) -> None:
         job = self.queue.held(session.id, message.job_id, message.attempt)
         if job is None:
             self._stale(session, message.job_id, message.attempt)
             return
         self.sessions.record(session.name, message.failure.kind, message.failure.message, time.time(), job.started)
-        self._after(job, message.failure, session.free_vram)
+        await self._after(job, message.failure, session.free_vram)
 
     def _stale(self, session: AgentSession, job_id: int, attempt: int) -> None:
         log.info("answer from a session that does not hold the job; ignored",
@@ -78,21 +78,21 @@ class Outcomes:
 
     # ---- sessions coming and going ---------------------------------------------------------------
 
-    def resume(self, session: AgentSession, held: list[HeldJob]) -> tuple[list[int], list[int]]:
+    async def resume(self, session: AgentSession, held: list[HeldJob]) -> tuple[list[int], list[int]]:
         """A (re)connected agent's held jobs: (resumed, dropped). A lease still held by the session it
         names moves to this one; any other is dropped (the job ended or went elsewhere meanwhile).
         Jobs an earlier session of this agent held that it did not list are lost with that session."""
         resumed, dropped = [], []
         for h in held:
             job = self.queue.live.get(h.job_id)
-            if job is not None and self._still_its(job, session, h) and self.queue.move_lease(job, session.id):
+            if job is not None and self._still_its(job, session, h) and await self.queue.move_lease(job, session.id):
                 resumed.append(h.job_id)
             else:
                 dropped.append(h.job_id)
         orphaned = [j for j in self.queue.live.values() if j.state == JobState.STARTED and j.agent == session.name
                     and j.session != session.id and self.sessions.by_id(j.session) is None]
         for job in orphaned:
-            self.lost(job, f"agent {session.name} reconnected without it (it restarted)")
+            await self.lost(job, f"agent {session.name} reconnected without it (it restarted)")
         if resumed or dropped:
             log.info("agent resumed its jobs", extra={"agent": session.name, "resumed": resumed, "dropped": dropped})
         return resumed, dropped
@@ -106,40 +106,41 @@ class Outcomes:
             return False
         return job.session == held.session or self.sessions.by_id(job.session) is None
 
-    def session_closed(self, session: AgentSession) -> None:
+    async def session_closed(self, session: AgentSession) -> None:
         """The connection ended: its leases wait ``lease_grace_s`` for the agent to come back."""
-        if held := self.queue.start_lease_clock(session.id, time.time() + self.lease_grace_s):
+        if held := await self.queue.start_lease_clock(session.id, time.time() + self.lease_grace_s):
             log.warning("agent disconnected holding jobs; waiting for it to come back",
                         extra={"agent": session.name, "jobs": held, "grace_s": self.lease_grace_s})
 
-    def expire_leases(self, now: float) -> None:
+    async def expire_leases(self, now: float) -> None:
         for job in self.queue.expired_leases(now):
-            self.lost(job, f"agent {job.agent} did not come back within {self.lease_grace_s:.0f}s")
+            await self.lost(job, f"agent {job.agent} did not come back within {self.lease_grace_s:.0f}s")
 
-    def lost(self, job: Job, why: str) -> None:
+    async def lost(self, job: Job, why: str) -> None:
         log.warning("job lost with its agent", extra={"job": job.id, "agent": job.agent, "error": why})
-        self._after(job, Failure(kind=FailureKind.WORKER_LOST, message=why), 0)
+        await self._after(job, Failure(kind=FailureKind.WORKER_LOST, message=why), 0)
 
     # ---- clients ---------------------------------------------------------------------------------
 
     async def cancel(self, job: Job, reason: str) -> bool:
         """End a live job as Cancelled: a queued one is dropped, a running one is stopped on its agent
         (which answers ``interrupted``, stale by then: the job is already over)."""
-        was_live, job = self.queue.cancel(job, reason)
+        was_live, job = await self.queue.cancel(job, reason)
         if was_live and job.attempt:
             await self._stop(job, job.session)
         return was_live
 
-    async def changed_elsewhere(self, job_id: int) -> None:
-        """Another router changed the job: follow it; if a session here ran it and no longer does (a
-        cancel through that router; or its lease was given up while this router was cut off), stop
-        it there."""
-        before = self.queue.follow(job_id)
-        if before is None or before.state != JobState.STARTED:
-            return
-        after = self.queue.live.get(job_id)
-        if after is None or (after.state, after.attempt, after.session) != (JobState.STARTED, before.attempt, before.session):
-            await self._stop(before, before.session)
+    async def changed_elsewhere(self, job_ids: list[int]) -> None:
+        """Other routers changed these jobs: follow them; if a session here ran one and no longer
+        does (a cancel through that router; or its lease was given up while this router was cut
+        off), stop it there."""
+        for job_id, before in zip(job_ids, await self.queue.follow_many(job_ids), strict=True):
+            if before is None or before.state != JobState.STARTED:
+                continue
+            after = self.queue.live.get(job_id)
+            if after is None or (after.state, after.attempt, after.session) != (JobState.STARTED, before.attempt,
+                                                                                 before.session):
+                await self._stop(before, before.session)
 
     async def _stop(self, job: Job, session: str | None) -> None:
         holder = self.sessions.by_id(session)
@@ -150,11 +151,11 @@ class Outcomes:
         except (ConnectionError, RuntimeError) as exc:  # it is leaving anyway
             log.warning("stop not sent", extra={"job": job.id, "agent": holder.name, "error": str(exc)})
 
-    def _after(self, job: Job, failure: Failure, free_vram: int) -> None:
+    async def _after(self, job: Job, failure: Failure, free_vram: int) -> None:
         decision = after_failure(job, failure.kind, free_vram)
         log.warning("attempt failed", extra={"job": job.id, "agent": job.agent, "kind": failure.kind.value,
                                              "retry": decision.again, "error": failure.message})
         if decision.again:
-            self.queue.requeue(job, decision)
+            await self.queue.requeue(job, decision)
         else:
-            self.queue.finish(job, decision.state, failure, charged=decision.charged)
+            await self.queue.finish(job, decision.state, failure, charged=decision.charged)

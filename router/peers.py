@@ -94,11 +94,11 @@ class Peers:
         reports = {s.id: (s.name, s.instance, s.report(running.get(s.id, 0)))
                    for s in self.sessions.sessions.values() if not is_local_worker(s.name)}
         _, gone = await asyncio.to_thread(self._talk, reports)
-        self._take_back_leases()
-        self._start_clocks_of_gone()
+        await self._take_back_leases()
+        await self._start_clocks_of_gone()
         if gone or time.monotonic() - self._resynced > RESYNC_S:  # a router that died may not have told all
             self._resynced = time.monotonic()
-            self.queue.resync(await asyncio.to_thread(self.store.unfinished_jobs))
+            await self.queue.resync()
         for router in gone:
             log.warning("router gone silent; its agents' jobs wait for them to reconnect elsewhere",
                         extra={"router": router})
@@ -123,36 +123,46 @@ class Peers:
         self.sessions.peers = peers
         return self.live, silent - {self.me}
 
-    def _start_clocks_of_gone(self) -> None:
+    async def _start_clocks_of_gone(self) -> None:
         """Leases held by sessions of routers that are gone (or unknown) start their clock; jobs that
         a gone router's own worker ran are queued again at once, at no attempt's cost."""
         gone = [j for j in self.queue.running() if j.lease_expires is None and router_of(j.session) not in (self.live | {self.me})]
         for job in [j for j in gone if is_local_worker(j.agent)]:
-            self.queue.requeue(job, Decision(True, charged=False))
+            await self.queue.requeue(job, Decision(True, charged=False))
         if leases := [j for j in gone if not is_local_worker(j.agent)]:
-            self.queue.start_lease_clocks(leases, time.time() + self.settings.lease_grace_s)
+            await self.queue.start_lease_clocks(leases, time.time() + self.settings.lease_grace_s)
 
-    def _take_back_leases(self) -> None:
+    async def _take_back_leases(self) -> None:
         """A lease of a session here that another router started the clock of (this router was
         silent too long: paused, or cut off) is this router's again."""
         if taken := [j for j in self.queue.running() if j.lease_expires is not None and self.sessions.by_id(j.session)]:
-            self.queue.start_lease_clocks(taken, None)
+            await self.queue.start_lease_clocks(taken, None)
 
     # ---- notices from the other routers ------------------------------------------------------------
 
-    async def _apply(self, notice: Notice) -> None:
-        if notice.kind == Kind.JOB:
-            await self.outcomes.changed_elsewhere(notice.job_id)
-            return
-        job = self.queue.live.get(notice.job_id)
-        if job is None or notice.event is None or notice.event.attempt != job.attempt:
-            return
-        if notice.kind == Kind.PROGRESS:
-            self.queue.set_progress(job, notice.event, here=False)  # type: ignore[arg-type]
-        else:
-            self.queue.stream(job, notice.event, here=False)  # type: ignore[arg-type]
+    async def _apply(self, notices: list[Notice]) -> None:
+        """Notices in the order they came: the job changes among them are followed together, up to
+        each progress or text notice (which needs the job as it is by then)."""
+        changed: list[int] = []
+        for notice in notices:
+            if notice.kind == Kind.JOB:
+                if notice.job_id not in changed:
+                    changed.append(notice.job_id)
+                continue
+            if changed:
+                await self.outcomes.changed_elsewhere(changed)
+                changed = []
+            job = self.queue.live.get(notice.job_id)
+            if job is None or notice.event is None or notice.event.attempt != job.attempt:
+                continue
+            if notice.kind == Kind.PROGRESS:
+                self.queue.set_progress(job, notice.event, here=False)  # type: ignore[arg-type]
+            else:
+                self.queue.stream(job, notice.event, here=False)  # type: ignore[arg-type]
+        if changed:
+            await self.outcomes.changed_elsewhere(changed)
 
     async def _connected(self) -> None:
         """The listener (re)connected: notices may have been missed meanwhile; read every live job again."""
         self._resynced = time.monotonic()
-        self.queue.resync(await asyncio.to_thread(self.store.unfinished_jobs))
+        await self.queue.resync()

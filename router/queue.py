@@ -21,7 +21,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from gpugate.errors import FailureKind
 from gpugate.wire import Delta, Failure, Progress
@@ -31,13 +31,14 @@ from .backlog import Backlog
 from .events import JobEvents
 from .retry import Decision
 from .sessions import is_local_worker, router_of
-from .store import Delivery, Job, JobState, Store
+from .store import Delivery, Job, JobState, Store, store_call
 
 log = logging.getLogger(__name__)
 
 CallbackFor = Callable[[Job], Delivery | None]  # the ReplyTo delivery a finished job owes, if any
 Announce = Callable[[int, Progress | Delta | None], None]  # a job changed (None) or made progress: tell other routers
 LIVE = (JobState.QUEUED, JobState.STARTED)
+R = TypeVar("R")
 
 
 class JobQueue:
@@ -55,32 +56,42 @@ class JobQueue:
         self.on_change = on_change or (lambda: None)  # wakes the dispatcher
         self.announce: Announce = lambda job_id, event: None  # router/peers.py, on routers that share a database
 
+    async def _io(self, call: Callable[..., R], *args: Any) -> R:
+        return await store_call(self.store, call, *args)
+
     # ---- lifecycle -----------------------------------------------------------------------------
 
-    def recover(self, now: float, lease_grace_s: float, live_routers: frozenset[str] = frozenset()) -> None:
+    async def recover(self, now: float, lease_grace_s: float, live_routers: frozenset[str] = frozenset()) -> None:
         """Load every unfinished job. The sessions that held running jobs ended with the last router,
         so each lease gets ``lease_grace_s`` for its agent to reconnect and take it back. Jobs a
         router's own worker was running ended with it: they are queued again at once, at no
         attempt's cost (the router stopping is not the job's fault). Leases of sessions of
         ``live_routers`` (other routers serving the same database) are theirs, and left alone."""
-        for job in self.store.unfinished_jobs():
+        for job in await self._io(self.store.unfinished_jobs):
             self.live[job.id] = job
             self._track(job)
             if job.state != JobState.STARTED or router_of(job.session) in live_routers:
                 continue
             if is_local_worker(job.agent):
-                self.requeue(job, Decision(True, charged=False))
+                await self.requeue(job, Decision(True, charged=False))
             elif job.lease_expires is None or job.lease_expires < now + lease_grace_s:
                 job.lease_expires = now + lease_grace_s
-                if self.store.set_lease_expiry(job, job.lease_expires):
+                if await self._io(self.store.set_lease_expiry, job, job.lease_expires):
                     self.announce(job.id, None)
         log.info("queue recovered", extra={"jobs": len(self.live)})
         self.on_change()
 
-    def follow(self, job_id: int) -> Job | None:
+    async def follow(self, job_id: int) -> Job | None:
         """Another router changed this job (or queued it): the cache follows the store. The job as
         cached before (None if it was not), so the caller can see what it was."""
-        stored = self.store.get_job(job_id)
+        return (await self.follow_many([job_id]))[0]
+
+    async def follow_many(self, job_ids: list[int]) -> list[Job | None]:
+        """``follow`` for several jobs, read from the store at once."""
+        stored = {job.id: job for job in await self._io(self.store.get_jobs, job_ids)} if job_ids else {}
+        return [self._follow(job_id, stored.get(job_id)) for job_id in job_ids]
+
+    def _follow(self, job_id: int, stored: Job | None) -> Job | None:
         cached = self.live.get(job_id)
         if cached is None:
             if stored is not None and stored.state in LIVE:
@@ -104,25 +115,27 @@ class JobQueue:
             self.on_change()
         return before
 
-    def resync(self, unfinished: list[Job] | None = None) -> None:
+    async def resync(self, unfinished: list[Job] | None = None) -> None:
         """Follow the store's live jobs (``unfinished``, read now if not given) after this router may
         have missed other routers' news. A job the read shows otherwise than the cache is read again
         (this router may have changed it since ``unfinished`` was read)."""
-        stored = {job.id: job for job in (self.store.unfinished_jobs() if unfinished is None else unfinished)}
+        stored = {job.id: job for job in (await self._io(self.store.unfinished_jobs) if unfinished is None else unfinished)}
+        again = []
         for job_id in set(self.live) | set(stored):
             cached, fresh = self.live.get(job_id), stored.get(job_id)
             if cached is None and fresh is not None:
                 self.live[job_id] = fresh  # not cached: not changed here either
                 self._track(fresh)
             elif fresh is None or _lease(cached) != _lease(fresh):
-                self.follow(job_id)
+                again.append(job_id)
+        await self.follow_many(again)
         self.on_change()
 
     # ---- clients -------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Job:
+    async def submit(self, job: Job) -> Job:
         job.created = time.time()
-        self.store.add_job(job)
+        await self._io(self.store.add_job, job)
         self.live[job.id] = job
         self._track(job)
         self.announce(job.id, None)
@@ -134,17 +147,17 @@ class JobQueue:
         """The job once finished (at once if it already is), or None if it is still live after
         ``timeout`` seconds or the router is stopping."""
         if job.id not in self.live:
-            return self.store.get_job(job.id) or job
+            return await self._io(self.store.get_job, job.id) or job
         return await self.events.wait_finished(job.id, timeout)
 
-    def cancel(self, job: Job, reason: str) -> tuple[bool, Job]:
+    async def cancel(self, job: Job, reason: str) -> tuple[bool, Job]:
         """End a live job as Cancelled; (whether it was live, the job). A running job's session is
         left in ``job.session`` for the caller to stop it there."""
         job = self.live.get(job.id, job)
         for _ in range(2):  # again once if the cache was behind the store (another router changed the job)
             if job.id not in self.live:
                 return False, job
-            self.finish(job, JobState.CANCELLED, Failure(kind=FailureKind.INTERRUPTED, message=reason))
+            await self.finish(job, JobState.CANCELLED, Failure(kind=FailureKind.INTERRUPTED, message=reason))
             if job.state == JobState.CANCELLED:
                 return True, job
         return False, job
@@ -178,11 +191,11 @@ class JobQueue:
         else:
             self.backlog.add(job)
 
-    def claim(self, job: Job, agent: str, session: str) -> bool:
+    async def claim(self, job: Job, agent: str, session: str) -> bool:
         """Start the job's next attempt under ``session``'s lease; False if it is no longer queued."""
         now = time.time()
-        if not self.store.claim(job, agent, session, now):
-            self._reload(job)  # it changed under us: follow the store
+        if not await self._io(self.store.claim, job, agent, session, now):
+            await self._reload(job)  # it changed under us: follow the store
             return False
         job.state, job.agent, job.session, job.lease_expires = JobState.STARTED, agent, session, None
         self._started.add(job.id)
@@ -215,13 +228,13 @@ class JobQueue:
         if here:
             self.announce(job.id, delta)
 
-    def requeue(self, job: Job, decision: Decision) -> None:
+    async def requeue(self, job: Job, decision: Decision) -> None:
         """Queue a running job again, as the retry policy decided."""
         avoid = [*job.avoid, job.agent] if decision.avoid_agent and job.agent and job.agent not in job.avoid else job.avoid
         again = dataclasses.replace(job, avoid=avoid, min_free_vram=decision.min_free_vram or job.min_free_vram,
                                     failures=job.failures + decision.charged)
-        if not self.store.requeue(again):
-            self._reload(job)
+        if not await self._io(self.store.requeue, again):
+            await self._reload(job)
             return
         _update(job, again, state=JobState.QUEUED, agent=None, session=None, lease_expires=None)
         self._track(job)
@@ -230,14 +243,14 @@ class JobQueue:
         log.info("job queued again", extra={"job": job.id, "attempt": job.attempt, "failures": job.failures})
         self.on_change()
 
-    def finish(self, job: Job, state: JobState, failure: Failure | None = None, charged: bool = False,
+    async def finish(self, job: Job, state: JobState, failure: Failure | None = None, charged: bool = False,
                results: dict[str, Any] | None = None) -> None:
         """End a live job. The store is written first; the cache follows only what the store took."""
         ended = dataclasses.replace(job, state=state, finished=time.time(), failures=job.failures + charged,
                                     results=results if results is not None else job.results,
                                     error=failure.model_dump(exclude_none=True) if failure is not None else job.error)
-        if not self.store.finish(ended, ended.finished or 0.0, self._callback_for(ended)):
-            self._reload(job)
+        if not await self._io(self.store.finish, ended, ended.finished or 0.0, self._callback_for(ended)):
+            await self._reload(job)
             return
         _update(job, ended)
         self.announce(job.id, None)
@@ -253,9 +266,9 @@ class JobQueue:
         log.info("job finished", extra={"job": job.id, "state": job.state, "agent": job.agent})
         self.on_change()
 
-    def _reload(self, job: Job) -> None:
+    async def _reload(self, job: Job) -> None:
         """The store did not take a change the cache expected: the store is right; follow it."""
-        stored = self.store.get_job(job.id)
+        stored = await self._io(self.store.get_job, job.id)
         log.warning("job changed under the queue; reloaded", extra={"job": job.id, "state": stored and stored.state})
         if stored is None:
             self.live.pop(job.id, None)
@@ -265,27 +278,27 @@ class JobQueue:
         if stored.state not in LIVE:
             self._ended(job, here=False)
 
-    def move_lease(self, job: Job, session: str) -> bool:
+    async def move_lease(self, job: Job, session: str) -> bool:
         """The agent holding ``job`` came back as ``session``: its lease goes along."""
-        if not self.store.move_lease(job, session):
-            self._reload(job)
+        if not await self._io(self.store.move_lease, job, session):
+            await self._reload(job)
             return False
         job.session, job.lease_expires = session, None
         self.announce(job.id, None)
         return True
 
-    def start_lease_clock(self, session: str, expires: float) -> int:
+    async def start_lease_clock(self, session: str, expires: float) -> int:
         """``session`` is gone: its leases expire at ``expires`` unless its agent comes back."""
-        return self.start_lease_clocks(self.leases_of([session]), expires)
+        return await self.start_lease_clocks(self.leases_of([session]), expires)
 
-    def start_lease_clocks(self, jobs: list[Job], expires: float | None) -> int:
+    async def start_lease_clocks(self, jobs: list[Job], expires: float | None) -> int:
         """Set the given leases' expiry (None: their session is here after all)."""
         for job in jobs:
-            if self.store.set_lease_expiry(job, expires):
+            if await self._io(self.store.set_lease_expiry, job, expires):
                 job.lease_expires = expires
                 self.announce(job.id, None)
             else:
-                self._reload(job)
+                await self._reload(job)
         return len(jobs)
 
     def expired_leases(self, now: float) -> list[Job]:

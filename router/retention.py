@@ -25,7 +25,7 @@ from gpugate.filestore import INCOMING, NAME, VARIANTS, stored_path
 from gpugate.settings import Router as RouterSettings
 
 from .artifacts import ArtifactStore
-from .store import Store
+from .store import Store, store_call
 
 log = logging.getLogger(__name__)
 BATCH = 1000
@@ -59,7 +59,7 @@ class Retention:
     async def discard_unowned(self, names: Iterable[str]) -> None:
         """Delete those of ``names`` that no job owns (the outputs of a stale answer)."""
         names = list(names)
-        owned = self.store.owned_files(names) if names else set()
+        owned = await store_call(self.store, self.store.owned_files, names) if names else set()
         if doomed := [n for n in names if n not in owned]:
             await self.artifacts.remove(doomed)
             self.removed += len(doomed)
@@ -70,14 +70,14 @@ class Retention:
         removed = 0
         if self.settings.retention_days > 0:
             before = now - self.settings.retention_days * 86400
-            while names := self.store.expired_files(before, BATCH):
+            while names := await store_call(self.store, self.store.expired_files, before, BATCH):
                 await self.artifacts.remove(names)
-                self.store.forget_files(names)
+                await store_call(self.store, self.store.forget_files, names)
                 removed += len(names)
                 if len(names) < BATCH:
                     break
         candidates = await asyncio.to_thread(_old_files, self.artifacts.root, now - self.settings.orphan_grace_s)
-        owned = self.store.owned_files([p.name for p in candidates if NAME.match(p.name)])
+        owned = await store_call(self.store, self.store.owned_files, [p.name for p in candidates if NAME.match(p.name)])
         orphans = [p for p in candidates if p.name not in owned]
         await asyncio.to_thread(_unlink, orphans)
         await asyncio.to_thread(_variants_without_original, self.artifacts.root)

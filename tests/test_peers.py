@@ -98,28 +98,28 @@ def _age(database: str, table: str, seconds: float) -> None:
         db.execute(f"UPDATE {table} SET seen = seen - %s", (seconds,))
 
 
-def test_each_routers_cache_follows_the_others(stores: tuple[PostgresStore, PostgresStore]) -> None:
+async def test_each_routers_cache_follows_the_others(stores: tuple[PostgresStore, PostgresStore]) -> None:
     first, second = stores
     told: list[tuple[int, Any]] = []
     one, two = JobQueue(first, JobEvents()), JobQueue(second, JobEvents())
     one.announce = lambda job_id, event: told.append((job_id, event))
-    job = one.submit(_job())
+    job = await one.submit(_job())
     assert told == [(job.id, None)]
-    assert two.follow(job.id) is None and two.live[job.id].state == JobState.QUEUED
-    assert one.claim(job, "gpu1", "r1.s1")
-    before = two.follow(job.id)
+    assert await two.follow(job.id) is None and two.live[job.id].state == JobState.QUEUED
+    assert await one.claim(job, "gpu1", "r1.s1")
+    before = await two.follow(job.id)
     assert before is not None and before.state == JobState.QUEUED
     assert (two.live[job.id].state, two.live[job.id].session) == (JobState.STARTED, "r1.s1")
     progress = Progress(job_id=job.id, attempt=1, step=1, total=2)
     two.set_progress(two.live[job.id], progress, here=False)
     assert two.progress[job.id] == progress and len(told) == 2, "what came from elsewhere is not told again"
     with two.events.watch(job.id) as events:
-        one.finish(job, JobState.COMPLETED, results={"texts": ["done"]})
-        two.follow(job.id)
+        await one.finish(job, JobState.COMPLETED, results={"texts": ["done"]})
+        await two.follow(job.id)
         ended = [e for e in [events.get_nowait() for _ in range(events.qsize())] if isinstance(e, Job)]
     assert job.id not in two.live and ended and ended[0].state == JobState.COMPLETED
-    gone = one.submit(_job())
-    two.resync()  # notices missed: a fresh read of every live job
+    gone = await one.submit(_job())
+    await two.resync()  # notices missed: a fresh read of every live job
     assert set(two.live) == {gone.id}
 
 
@@ -137,7 +137,7 @@ async def test_a_silent_routers_leases_start_their_clock_a_live_ones_do_not(
     queue, sessions = JobQueue(second, JobEvents()), SessionRegistry(router_id="r2")
     peers = Peers(second, settings.router, queue, sessions, Outcomes(queue, sessions, None, 20))  # type: ignore[arg-type]
     assert peers.join() == {"r1"}
-    queue.recover(now, 20, live_routers=peers.live)  # router r2 starts beside it: r1's jobs are r1's
+    await queue.recover(now, 20, live_routers=peers.live)  # router r2 starts beside it: r1's jobs are r1's
     assert [(j.state, j.lease_expires) for j in queue.running()] == [(JobState.STARTED, None)] * 2
     _age(database, "routers", 60)  # r1 falls silent (and r2 with it, until its next beat)
     await peers._exchange()
@@ -163,3 +163,35 @@ def test_streamed_text_of_any_script_goes_in_notices_the_database_takes() -> Non
     assert notices_of("r1", 7, None) == [Notice("r1", Kind.JOB, 7)]
     with pytest.raises(ValueError, match="not a notice"):
         Notice.decode('{"r": "r1", "k": "progress", "j": 7, "e": {"oops": 1}}')
+
+
+async def test_the_routers_hot_calls_run_on_async_connections_with_the_same_answers(database: str) -> None:
+    from router.store import DuplicateRefId, store_call
+
+    store = PostgresStore(database, pool_size=2)
+    try:
+        assert not store.async_ready
+        await store.open_async()  # what a router does: from here on its hot calls never block its loop
+        assert store.async_ready
+        job = await store_call(store, store.add_job, _job(ref_id="r-1", key_id=3))
+        assert job.id and store.get_job(job.id) == await store_call(store, store.get_job, job.id)
+        with pytest.raises(DuplicateRefId):
+            await store_call(store, store.add_job, _job(ref_id="r-1", key_id=3))
+        assert await store_call(store, store.job_id_by_ref, 3, "r-1") == job.id
+        assert await store_call(store, store.claim, job, "gpu1", "r1.s1", time.time())
+        assert not await store_call(store, store.claim, job, "gpu2", "r1.s2", time.time()), "claimed already"
+        job.attempt, job.session = 1, "r1.s1"
+        assert await store_call(store, store.move_lease, job, "r1.s3")
+        job.session = "r1.s3"
+        assert await store_call(store, store.set_lease_expiry, job, 123.0)
+        delivery = Delivery(id=0, job_id=job.id, key_id=3, url="https://example.com/h", webhook_id="msg_x", body="{}",
+                            created=1.0, next_at=1.0)
+        done = Job(**{**job.__dict__, "state": JobState.COMPLETED, "results": {"texts": ["ok"]}})
+        assert await store_call(store, store.finish, done, time.time(), delivery) and delivery.id
+        [stored] = await store_call(store, store.get_jobs, [job.id, 99999])
+        assert stored.state == JobState.COMPLETED and stored.results == {"texts": ["ok"]}
+        assert await store_call(store, store.key_by_digest, "no such digest") is None
+        assert await store_call(store, store.unfinished_jobs) == [], "a call without an async twin: in a worker thread"
+    finally:
+        await store.close_async()
+        store.close()

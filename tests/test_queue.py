@@ -41,7 +41,7 @@ class Fleet:
     open: Callable[[], Store]
     sent: list[tuple[str, JobOffer | StopJob]] = field(default_factory=list)
 
-    def join(self, name: str, free_gb: float = 12, instance: str | None = None,
+    async def join(self, name: str, free_gb: float = 12, instance: str | None = None,
              held: list[HeldJob] = ()) -> tuple[AgentSession, list[int], list[int]]:  # type: ignore[assignment]
         async def send(message: JobOffer | StopJob | Ack) -> None:
             if not isinstance(message, Ack):
@@ -57,15 +57,15 @@ class Fleet:
                       held=list(held))
         session, _ = self.sessions.join(hello, send, disconnect)
         session.slots = 1
-        resumed, dropped = self.outcomes.resume(session, hello.held)
+        resumed, dropped = await self.outcomes.resume(session, hello.held)
         return session, resumed, dropped
 
-    def leave(self, session: AgentSession) -> None:
+    async def leave(self, session: AgentSession) -> None:
         self.sessions.leave(session)
-        self.outcomes.session_closed(session)
+        await self.outcomes.session_closed(session)
 
-    def submit(self, **overrides: object) -> Job:
-        return self.queue.submit(Job(**{"id": 0, "api": "TextToImage", "capability": "txt2img", "params": {"prompt": "x"},
+    async def submit(self, **overrides: object) -> Job:
+        return await self.queue.submit(Job(**{"id": 0, "api": "TextToImage", "capability": "txt2img", "params": {"prompt": "x"},
                                         "inputs": {}, "model": "m.safetensors", "megapixels": 0.25, "max_attempts": 3,
                                         **overrides}))
 
@@ -112,12 +112,12 @@ def held(session: AgentSession, offer: JobOffer) -> HeldJob:
 
 
 async def test_out_of_memory_moves_the_job_to_an_agent_with_more_free_memory(fleet: Fleet) -> None:
-    small, _, _ = fleet.join("small", 6)
-    job = fleet.submit()
+    small, _, _ = await fleet.join("small", 6)
+    job = await fleet.submit()
     assert [name for name, _ in await fleet.dispatch()] == ["small"]
-    big, _, _ = fleet.join("big", 12)
+    big, _, _ = await fleet.join("big", 12)
     big.slots = 0  # not asking for work yet
-    fleet.outcomes.failed(small, Failed(job_id=job.id, attempt=1, failure=Failure(kind=FailureKind.OUT_OF_MEMORY, message="oom")))
+    await fleet.outcomes.failed(small, Failed(job_id=job.id, attempt=1, failure=Failure(kind=FailureKind.OUT_OF_MEMORY, message="oom")))
     small.slots = 1
     assert await fleet.dispatch() == []
     assert fleet.queue.status_text(job).startswith("waiting for a free agent"), "small no longer qualifies; big is busy"
@@ -130,10 +130,10 @@ async def test_out_of_memory_moves_the_job_to_an_agent_with_more_free_memory(fle
 
 
 async def test_an_invalid_request_fails_at_once_and_late_answers_change_nothing(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a")
-    job = fleet.submit()
+    agent, _, _ = await fleet.join("a")
+    job = await fleet.submit()
     await fleet.dispatch()
-    fleet.outcomes.failed(agent, Failed(job_id=job.id, attempt=1, failure=Failure(
+    await fleet.outcomes.failed(agent, Failed(job_id=job.id, attempt=1, failure=Failure(
         kind=FailureKind.INVALID, message="prompt: is required", errors=[{"field": "prompt", "message": "is required"}])))
     await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1))  # a stale, contradicting answer
     stored = fleet.stored(job)
@@ -142,25 +142,25 @@ async def test_an_invalid_request_fails_at_once_and_late_answers_change_nothing(
 
 async def test_with_one_agent_a_lost_job_runs_there_again_and_the_failures_are_bounded(fleet: Fleet) -> None:
     """The old rule banned the agent that lost a job: with one agent, the job waited forever."""
-    job = fleet.submit()
+    job = await fleet.submit()
     for attempt in (1, 2, 3):
-        agent, _, _ = fleet.join("only", instance=f"process-{attempt}")  # restarted each time, under its name
+        agent, _, _ = await fleet.join("only", instance=f"process-{attempt}")  # restarted each time, under its name
         [(name, offer)] = await fleet.dispatch()
         assert name == "only" and offer.attempt == attempt
-        fleet.leave(agent)  # killed: its lease waits for it...
+        await fleet.leave(agent)  # killed: its lease waits for it...
         assert fleet.stored(job).state == JobState.STARTED
-        fleet.outcomes.expire_leases(time.time() + GRACE)  # ...and runs out
+        await fleet.outcomes.expire_leases(time.time() + GRACE)  # ...and runs out
     stored = fleet.stored(job)
     assert stored.state == JobState.FAILED and stored.error is not None and stored.error["kind"] == "worker_lost"
     assert stored.failures == 3 and "did not come back within 20s" in stored.error["message"]
 
 
 async def test_a_reconnecting_agent_keeps_its_running_job_and_its_answer_counts(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a")
-    job = fleet.submit()
+    agent, _, _ = await fleet.join("a")
+    job = await fleet.submit()
     [(_, offer)] = await fleet.dispatch()
-    fleet.leave(agent)  # the connection dropped; the process lives on
-    again, resumed, dropped = fleet.join("a", held=[held(agent, offer)])
+    await fleet.leave(agent)  # the connection dropped; the process lives on
+    again, resumed, dropped = await fleet.join("a", held=[held(agent, offer)])
     assert (resumed, dropped) == ([job.id], [])
     await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1))  # the old session's late answer: ignored
     assert fleet.stored(job).state == JobState.STARTED
@@ -170,25 +170,25 @@ async def test_a_reconnecting_agent_keeps_its_running_job_and_its_answer_counts(
 
 
 async def test_a_restarted_agent_without_the_job_gives_it_back_at_once(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a", instance="first process")
-    job = fleet.submit()
+    agent, _, _ = await fleet.join("a", instance="first process")
+    job = await fleet.submit()
     await fleet.dispatch()
-    fleet.leave(agent)
-    _, resumed, _ = fleet.join("a", instance="second process")  # kill -9 and start again: holds nothing
+    await fleet.leave(agent)
+    _, resumed, _ = await fleet.join("a", instance="second process")  # kill -9 and start again: holds nothing
     assert resumed == [] and fleet.stored(job).state == JobState.QUEUED and fleet.stored(job).failures == 1
     [(name, offer)] = await fleet.dispatch()
     assert name == "a" and offer.attempt == 2
 
 
 async def test_after_a_router_restart_running_jobs_wait_for_their_agents(fleet: Fleet, tmp_path: Path) -> None:
-    agent, _, _ = fleet.join("a")
-    job = fleet.submit()
+    agent, _, _ = await fleet.join("a")
+    job = await fleet.submit()
     [(_, offer)] = await fleet.dispatch()
     fleet.store.close()
 
     restarted = fleet.reopen()  # a new router on the same store
     queue = JobQueue(restarted, JobEvents())
-    queue.recover(time.time(), GRACE)
+    await queue.recover(time.time(), GRACE)
     assert queue.live[job.id].state == JobState.STARTED and queue.live[job.id].lease_expires is not None
     sessions = SessionRegistry()
     outcomes = Outcomes(queue, sessions, Retention(restarted, fleet.artifacts, RouterSettings()), GRACE)
@@ -199,7 +199,7 @@ async def test_after_a_router_restart_running_jobs_wait_for_their_agents(fleet: 
         return None
 
     session, _ = sessions.join(hello, send, send)  # type: ignore[arg-type]
-    assert outcomes.resume(session, hello.held) == ([job.id], [])
+    assert await outcomes.resume(session, hello.held) == ([job.id], [])
     await outcomes.done(session, Done(job_id=job.id, attempt=1))
     finished = restarted.get_job(job.id)
     assert finished is not None and finished.state == JobState.COMPLETED and finished.failures == 0
@@ -211,16 +211,16 @@ async def test_after_a_router_restart_its_own_workers_jobs_run_again_at_no_attem
                                        capabilities=[Capability(name="scale-image", vram_base=0, vram_per_megapixel=0)], concurrency=1),
                                  _noop, _noop, local=True)[0]
     worker.slots = 1
-    mine = fleet.submit(capability="scale-image", model=None)
-    theirs = fleet.submit()
-    fleet.join("a")
+    mine = await fleet.submit(capability="scale-image", model=None)
+    theirs = await fleet.submit()
+    await fleet.join("a")
     await fleet.dispatch()
     assert (fleet.stored(mine).agent, fleet.stored(theirs).agent) == (LOCAL_WORKER, "a")
     fleet.store.close()
 
     restarted = fleet.reopen()  # the router (and its worker) stopped mid-job
     queue = JobQueue(restarted, JobEvents())
-    queue.recover(time.time(), GRACE)
+    await queue.recover(time.time(), GRACE)
     again = queue.live[mine.id]
     assert again.state == JobState.QUEUED and again.failures == 0 and again.agent is None
     assert queue.live[theirs.id].state == JobState.STARTED, "an agent's job waits for its agent to come back"
@@ -231,32 +231,32 @@ async def _noop(*_: object) -> None:
 
 
 async def test_names_are_one_live_agent_each(fleet: Fleet) -> None:
-    first, _, _ = fleet.join("gpu-host", instance="one process")
+    first, _, _ = await fleet.join("gpu-host", instance="one process")
     with pytest.raises(Refusal, match="an agent named 'gpu-host' is already connected"):
-        fleet.join("gpu-host", instance="another process")
-    replacement, _, _ = fleet.join("gpu-host", instance="one process")  # the same process, reconnecting
+        await fleet.join("gpu-host", instance="another process")
+    replacement, _, _ = await fleet.join("gpu-host", instance="one process")  # the same process, reconnecting
     assert fleet.sessions.sessions["gpu-host"] is replacement and fleet.sessions.by_id(first.id) is None
     with pytest.raises(Refusal, match="reserved for the router's own worker"):
-        fleet.join("router")
+        await fleet.join("router")
     with pytest.raises(Refusal, match="is not allowed"):
-        fleet.join("bad name!")
+        await fleet.join("bad name!")
 
 
 async def test_a_job_handed_back_at_shutdown_uses_no_attempt(fleet: Fleet) -> None:
-    leaving, _, _ = fleet.join("leaving")
-    job = fleet.submit()
+    leaving, _, _ = await fleet.join("leaving")
+    job = await fleet.submit()
     await fleet.dispatch()
-    fleet.outcomes.failed(leaving, Failed(job_id=job.id, attempt=1, failure=Failure(kind=FailureKind.SHUTDOWN, message="bye")))
-    fleet.leave(leaving)
+    await fleet.outcomes.failed(leaving, Failed(job_id=job.id, attempt=1, failure=Failure(kind=FailureKind.SHUTDOWN, message="bye")))
+    await fleet.leave(leaving)
     assert fleet.stored(job).state == JobState.QUEUED and fleet.stored(job).failures == 0
-    other, _, _ = fleet.join("other")
+    other, _, _ = await fleet.join("other")
     [(name, offer)] = await fleet.dispatch()
     assert name == "other" and offer.attempt == 2
 
 
 async def test_a_job_no_agent_can_take_fails_after_the_limit_with_the_reason(fleet: Fleet) -> None:
-    job = fleet.submit(model="nowhere.safetensors")
-    fleet.join("a")
+    job = await fleet.submit(model="nowhere.safetensors")
+    await fleet.join("a")
     now = time.time()
     await fleet.dispatcher.dispatch(now)
     assert fleet.queue.status_text(job) == "no agent has model nowhere.safetensors"
@@ -267,24 +267,24 @@ async def test_a_job_no_agent_can_take_fails_after_the_limit_with_the_reason(fle
 
 
 async def test_an_agent_failing_jobs_in_a_row_is_paused(fleet: Fleet) -> None:
-    broken, _, _ = fleet.join("broken")
+    broken, _, _ = await fleet.join("broken")
     for _ in range(3):
-        fleet.submit()
+        await fleet.submit()
     for _ in range(3):
         [(_, offer)] = await fleet.dispatch()
         broken.slots = 1
-        fleet.outcomes.failed(broken, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure(
+        await fleet.outcomes.failed(broken, Failed(job_id=offer.job_id, attempt=offer.attempt, failure=Failure(
             kind=FailureKind.INFRASTRUCTURE, message="the disk is full")))
     assert await fleet.dispatch() == [], "paused: it would only fail the next one too"
     waiting = fleet.queue.queued()[0]
     assert "3 infrastructure failures in a row, the last: the disk is full" in fleet.queue.status_text(waiting)
-    healthy, _, _ = fleet.join("healthy")
+    healthy, _, _ = await fleet.join("healthy")
     assert [name for name, _ in await fleet.dispatch()] == ["healthy"]
 
 
 async def test_a_stale_answers_files_are_deleted_and_a_completed_jobs_kept(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a")
-    job = fleet.submit()
+    agent, _, _ = await fleet.join("a")
+    job = await fleet.submit()
     await fleet.dispatch()
     kept, stale = await fleet.artifacts.put(b"kept", ".png"), await fleet.artifacts.put(b"stale", ".png")
     files = [Artifact(name=kept, file_name="x.png", media_type="image/png", size=4)]
@@ -295,8 +295,8 @@ async def test_a_stale_answers_files_are_deleted_and_a_completed_jobs_kept(fleet
 
 
 async def test_cancelling_a_running_job_stops_it_on_the_session_holding_it(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a")
-    job = fleet.submit()
+    agent, _, _ = await fleet.join("a")
+    job = await fleet.submit()
     await fleet.dispatch()
     assert await fleet.outcomes.cancel(job, "changed my mind")
     assert fleet.sent[-1] == ("a", StopJob(job_id=job.id, attempt=1))
@@ -307,24 +307,24 @@ async def test_cancelling_a_running_job_stops_it_on_the_session_holding_it(fleet
 async def test_a_welcome_the_agent_never_got_does_not_cost_it_its_job(fleet: Fleet) -> None:
     """The lease moved to a new session, but the connection broke before the agent heard of it: the
     agent comes back naming the old session, and keeps its job."""
-    first, _, _ = fleet.join("a")
-    job = fleet.submit()
+    first, _, _ = await fleet.join("a")
+    job = await fleet.submit()
     [(_, offer)] = await fleet.dispatch()
-    fleet.leave(first)
-    lost_welcome, resumed, _ = fleet.join("a", held=[held(first, offer)])
+    await fleet.leave(first)
+    lost_welcome, resumed, _ = await fleet.join("a", held=[held(first, offer)])
     assert resumed == [job.id]
-    fleet.leave(lost_welcome)
-    again, resumed, dropped = fleet.join("a", held=[held(first, offer)])  # still the first session's id
+    await fleet.leave(lost_welcome)
+    again, resumed, dropped = await fleet.join("a", held=[held(first, offer)])  # still the first session's id
     assert (resumed, dropped) == ([job.id], [])
     await fleet.outcomes.done(again, Done(job_id=job.id, attempt=1))
     assert fleet.stored(job).state == JobState.COMPLETED and fleet.stored(job).failures == 0
 
 
 async def test_a_replaced_connections_late_answer_keeps_its_files_for_the_new_one(fleet: Fleet) -> None:
-    old, _, _ = fleet.join("a", instance="process")
-    job = fleet.submit()
+    old, _, _ = await fleet.join("a", instance="process")
+    job = await fleet.submit()
     [(_, offer)] = await fleet.dispatch()
-    new, _, _ = fleet.join("a", instance="process", held=[held(old, offer)])  # reconnected; old socket not yet closed
+    new, _, _ = await fleet.join("a", instance="process", held=[held(old, offer)])  # reconnected; old socket not yet closed
     output = await fleet.artifacts.put(b"image", ".png")
     answer = Done(job_id=job.id, attempt=1, artifacts=[Artifact(name=output, file_name="x.png", media_type="image/png", size=5)])
     await fleet.outcomes.done(old, answer)  # read from the old socket: stale, but the same agent sends it again
@@ -334,8 +334,8 @@ async def test_a_replaced_connections_late_answer_keeps_its_files_for_the_new_on
 
 
 async def test_an_answer_naming_files_the_store_lacks_is_an_infrastructure_failure(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a")
-    job = fleet.submit()
+    agent, _, _ = await fleet.join("a")
+    job = await fleet.submit()
     await fleet.dispatch()
     await fleet.outcomes.done(agent, Done(job_id=job.id, attempt=1, artifacts=[
         Artifact(name="ab" * 32 + ".png", file_name="x.png", media_type="image/png", size=5)]))
@@ -344,8 +344,8 @@ async def test_an_answer_naming_files_the_store_lacks_is_an_infrastructure_failu
 
 
 async def test_when_the_store_refuses_a_change_the_cache_follows_the_store(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a")
-    job = fleet.submit()
+    agent, _, _ = await fleet.join("a")
+    job = await fleet.submit()
     await fleet.dispatch()
     other = fleet.open()  # another writer (another router on the same store) got there first
     assert other.finish(dataclasses.replace(fleet.stored(job), state=JobState.CANCELLED), time.time())
@@ -356,9 +356,9 @@ async def test_when_the_store_refuses_a_change_the_cache_follows_the_store(fleet
 
 
 async def test_api_keys_take_turns_so_a_long_queue_does_not_hold_up_another_keys_job(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a")
-    flood = [fleet.submit(key_id=1) for _ in range(3)]
-    other = fleet.submit(key_id=2)
+    agent, _, _ = await fleet.join("a")
+    flood = [await fleet.submit(key_id=1) for _ in range(3)]
+    other = await fleet.submit(key_id=2)
     order = []
     for _ in range(4):
         [(_, offer)] = await fleet.dispatch()
@@ -378,10 +378,10 @@ def test_fair_order_takes_keys_in_turn_oldest_and_least_recently_served_first() 
 
 async def test_a_job_whose_model_the_free_agent_has_loaded_goes_first(fleet: Fleet) -> None:
     """Within ``lookahead`` jobs, a job needing the loaded model passes one that would swap it out."""
-    agent, _, _ = fleet.join("a")
+    agent, _, _ = await fleet.join("a")
     agent.models = [Model(kind="checkpoints", name=n, size=2 * GB) for n in ("m.safetensors", "n.safetensors")]
     agent.loaded = {"n.safetensors"}
-    swapping, loaded = fleet.submit(model="m.safetensors"), fleet.submit(model="n.safetensors")
+    swapping, loaded = await fleet.submit(model="m.safetensors"), await fleet.submit(model="n.safetensors")
     [(_, first)] = await fleet.dispatch()
     assert first.job_id == loaded.id, "no swap while a job for the loaded model waits"
     agent.slots = 1
@@ -389,19 +389,19 @@ async def test_a_job_whose_model_the_free_agent_has_loaded_goes_first(fleet: Fle
     assert second.job_id == swapping.id, "the passed job goes next"
     fleet.dispatcher.lookahead = 0
     agent.slots, agent.loaded = 1, {"m.safetensors"}
-    later = [fleet.submit(model="n.safetensors"), fleet.submit(model="m.safetensors")]
+    later = [await fleet.submit(model="n.safetensors"), await fleet.submit(model="m.safetensors")]
     [(_, plain)] = await fleet.dispatch()
     assert plain.job_id == later[0].id, "without look-ahead: first come, first served"
 
 
 async def test_a_passed_job_is_passed_at_most_lookahead_times(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a")
+    agent, _, _ = await fleet.join("a")
     agent.models = [Model(kind="checkpoints", name=n, size=2 * GB) for n in ("m.safetensors", "n.safetensors")]
     fleet.dispatcher.lookahead = 2
-    swapping = fleet.submit(model="m.safetensors")
+    swapping = await fleet.submit(model="m.safetensors")
     handed = []
     for _ in range(4):  # jobs for the loaded model keep coming
-        fleet.submit(model="n.safetensors")
+        await fleet.submit(model="n.safetensors")
         agent.slots, agent.loaded = 1, {"n.safetensors"}
         [(_, offer)] = await fleet.dispatch()
         handed.append(offer.job_id)
@@ -409,11 +409,11 @@ async def test_a_passed_job_is_passed_at_most_lookahead_times(fleet: Fleet) -> N
 
 
 async def test_key_weights_hold_when_slots_free_one_at_a_time(fleet: Fleet) -> None:
-    agent, _, _ = fleet.join("a")
+    agent, _, _ = await fleet.join("a")
     fleet.dispatcher.weight = {1: 3, 2: 1}.__getitem__
     for _ in range(8):
-        fleet.submit(key_id=1)
-        fleet.submit(key_id=2)
+        await fleet.submit(key_id=1)
+        await fleet.submit(key_id=2)
     keys = []
     for _ in range(8):
         agent.slots = 1
@@ -423,12 +423,12 @@ async def test_key_weights_hold_when_slots_free_one_at_a_time(fleet: Fleet) -> N
 
 
 async def test_a_pass_reads_what_agents_can_take_and_a_job_queued_again_keeps_its_place(fleet: Fleet) -> None:
-    stuck = [fleet.submit(model="nowhere.safetensors") for _ in range(300)]  # no agent has it: never read by a pass
-    first, second = fleet.submit(), fleet.submit()
-    agent, _, _ = fleet.join("a")
+    stuck = [await fleet.submit(model="nowhere.safetensors") for _ in range(300)]  # no agent has it: never read by a pass
+    first, second = await fleet.submit(), await fleet.submit()
+    agent, _, _ = await fleet.join("a")
     [(_, offer)] = await fleet.dispatch()
     assert offer.job_id == first.id
-    fleet.outcomes.failed(agent, Failed(job_id=first.id, attempt=1, failure=Failure(kind=FailureKind.INFRASTRUCTURE,
+    await fleet.outcomes.failed(agent, Failed(job_id=first.id, attempt=1, failure=Failure(kind=FailureKind.INFRASTRUCTURE,
                                                                                     message="disk full")))
     assert fleet.stored(first).state == JobState.QUEUED
     agent.slots = 1

@@ -65,7 +65,7 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
         return ws
     outcomes, dispatcher = app[OUTCOMES], app[DISPATCHER]
     try:  # from here on the session ends (and its leases start their clock) however the socket ends
-        resumed, dropped = outcomes.resume(session, hello.held)
+        resumed, dropped = await outcomes.resume(session, hello.held)
         if replaced is not None:  # the same agent's older connection, not yet noticed as dead
             log.warning("agent reconnected; closing its older connection", extra={"agent": session.name})
             await replaced.disconnect()
@@ -96,7 +96,7 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
                 if isinstance(message, Done):
                     await outcomes.done(session, message)
                 else:
-                    outcomes.failed(session, message)
+                    await outcomes.failed(session, message)
                 await send(Ack(job_id=message.job_id, attempt=message.attempt))
             elif isinstance(message, Leaving):
                 session.draining = True
@@ -104,7 +104,7 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
     finally:
         if app[SESSIONS].leave(session):
             log.warning("agent left", extra={"agent": session.name, "session": session.id})
-        outcomes.session_closed(session)
+        await outcomes.session_closed(session)
         dispatcher.wake()
         if peers is not None:
             await peers.left(session)

@@ -12,8 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ..keys import authenticate, may_call
+from ..keys import bearer, digest, may_call
 from ..state import KEY, SETTINGS, STORE
+from ..store import store_call
 from .errors import ApiError
 from .files import is_signed
 
@@ -36,7 +37,10 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
             raise ApiError(401, "Unauthorized", "agents must present the router's agent token")
         request[KEY] = None
         return await handler(request)
-    key = authenticate(request.app[STORE], header)
+    store, token = request.app[STORE], bearer(header)
+    key = await store_call(store, store.key_by_digest, digest(token)) if token else None
+    if key is not None and key.revoked:
+        key = None
     if key is None:
         raise ApiError(401, "Unauthorized", "a valid API key is required: Authorization: Bearer <key>")
     api = request.path.removeprefix("/api/") if request.path.startswith("/api/") else \

@@ -25,7 +25,7 @@ from gpugate.filestore import NAME
 
 from ..images import make_variant
 from ..state import ARTIFACTS, KEY, QUEUE, SETTINGS, SIGNER, STORE
-from ..store import Key
+from ..store import Key, store_call
 from ..urls import file_path
 from .errors import ApiError, invalid
 from .requests import read_fields, validate_fields
@@ -48,14 +48,14 @@ def is_signed(request: web.Request) -> bool:
 
 async def get_artifact(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
-    path, cache = _readable(request, name)
-    return _file_response(request, path, cache, name)
+    path, cache = await _readable(request, name)
+    return await _file_response(request, path, cache, name)
 
 
 async def get_variant(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     width, height = _variant_size(request.match_info["variant"], request.app[SETTINGS].router.max_variant_side)
-    original, cache = _readable(request, name)
+    original, cache = await _readable(request, name)
     artifacts = request.app[ARTIFACTS]
     variant = artifacts.variant_path(name, width, height)
     if not variant.is_file():
@@ -63,10 +63,10 @@ async def get_variant(request: web.Request) -> web.StreamResponse:
             await asyncio.to_thread(make_variant, original, variant, width, height)
         except ValueError as exc:  # not an image Pillow can read
             raise invalid([FieldError("path", str(exc), "not_an_image")]) from None
-    return _file_response(request, variant, cache, name)
+    return await _file_response(request, variant, cache, name)
 
 
-def _readable(request: web.Request, name: str) -> tuple[Path, str]:
+async def _readable(request: web.Request, name: str) -> tuple[Path, str]:
     """The file for ``name`` if this request may read it, and the Cache-Control that fits the way in."""
     path = request.app[ARTIFACTS].path(name)
     if is_signed(request):
@@ -80,22 +80,24 @@ def _readable(request: web.Request, name: str) -> tuple[Path, str]:
     key: Key | None = request[KEY]
     if key is None:
         raise ApiError(401, "Unauthorized", "a signed URL or an API key is required")
-    if path is None or not _owns(request, key, name):
+    if path is None or not await _owns(request, key, name):
         raise ApiError(404, "NotFound", "no such artifact")
     return path, PRIVATE
 
 
-def _owns(request: web.Request, key: Key, name: str) -> bool:
+async def _owns(request: web.Request, key: Key, name: str) -> bool:
     if key.admin:
         return True
-    stored = request.app[STORE].file(name)
+    store = request.app[STORE]
+    stored = await store_call(store, store.file, name)
     return stored is not None and stored.key_id == key.id
 
 
-def _file_response(request: web.Request, path: Path, cache: str, name: str) -> web.FileResponse:
+async def _file_response(request: web.Request, path: Path, cache: str, name: str) -> web.FileResponse:
     headers = {"Cache-Control": cache, "Content-Type": mimetypes.guess_type(path.name)[0] or "application/octet-stream"}
     if request.query.get("download", "").lower() in ("true", "1", "yes"):
-        stored = request.app[STORE].file(name)
+        store = request.app[STORE]
+        stored = await store_call(store, store.file, name)
         label = Path(stored.label if stored and stored.label else name)
         readable = "".join(c for c in label.stem if c.isalnum() or c in "-_.") or "file"
         headers["Content-Disposition"] = f'attachment; filename="{readable}{path.suffix}"'  # a variant is .webp
@@ -162,7 +164,7 @@ async def _delete(request: web.Request, paths: list[str]) -> DeleteFilesResponse
     answer, doomed = DeleteFilesResponse(), []
     for path in paths:
         name = _name_of(path)
-        stored = store.file(name) if name else None
+        stored = await store_call(store, store.file, name) if name else None
         exists = name is not None and artifacts.path(name) is not None
         if name is None or (stored is None and not exists):
             answer.missing.append(path)
@@ -172,7 +174,7 @@ async def _delete(request: web.Request, paths: list[str]) -> DeleteFilesResponse
             doomed.append(name)
             (answer.deleted if exists else answer.missing).append(path)
     await artifacts.remove(doomed)
-    store.forget_files(doomed)
+    await store_call(store, store.forget_files, doomed)
     return answer
 
 

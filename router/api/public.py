@@ -100,7 +100,7 @@ async def enqueue(request: web.Request, api: str, spec: JobSpec, parsed: ApiRequ
               key_id=key.id, ref_id=parsed.ref_id, tag=parsed.tag, reply_to=parsed.reply_to,
               base_url=base_url(request) if parsed.reply_to else None)
     try:
-        return app[QUEUE].submit(job)
+        return await app[QUEUE].submit(job)
     except DuplicateRefId:  # a retried request: the job it already made is the answer, with its own files
         app[LIMITER].refund(key)
         await app[ARTIFACTS].remove(inputs.values())

@@ -11,13 +11,18 @@ session is the agent connection that holds it; ``lease_expires`` is None while t
 up, and set when it closes (or when the router starts), so the agent has until then to come back
 and claim the job again (wire.Hello.held). :mod:`.sqlite` is the default backend; another
 (PostgreSQL) implements the same protocol.
+
+The methods block; the router's services make their calls through ``store_call``, which keeps a
+store across the network (PostgreSQL) off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class JobState(StrEnum):
@@ -143,6 +148,22 @@ def query_sql(table: str, query: JobQuery, mark: str) -> tuple[str, list[Any]]:
     return sql, [*args, query.limit]
 
 
+R = TypeVar("R")
+
+
+async def store_call(store: Store, call: Callable[..., R], *args: Any) -> R:
+    """``call`` (a method of ``store``) without holding up the event loop. SQLite: on this thread
+    (its connection belongs to the thread that opened it; a call takes tens of microseconds). A
+    store across the network once its async connections are open (PostgreSQL, ``async_ready``):
+    the method's async twin (``async_<name>``) for the hot calls, a worker thread for the rest."""
+    if not getattr(store, "async_ready", False):
+        return call(*args)
+    twin = getattr(store, f"async_{getattr(call, '__name__', '')}", None)
+    if twin is not None:
+        return await twin(*args)  # type: ignore[no-any-return]
+    return await asyncio.to_thread(call, *args)
+
+
 class DuplicateRefId(Exception):
     """A key used a refId it already used."""
 
@@ -151,6 +172,7 @@ class Store(Protocol):
     # jobs and their leases
     def add_job(self, job: Job) -> Job: ...
     def get_job(self, job_id: int) -> Job | None: ...
+    def get_jobs(self, job_ids: list[int]) -> list[Job]: ...
     def job_id_by_ref(self, key_id: int | None, ref_id: str) -> int | None: ...
     def unfinished_jobs(self) -> list[Job]: ...
     def claim(self, job: Job, agent: str, session: str, now: float) -> bool: ...

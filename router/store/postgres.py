@@ -7,8 +7,11 @@ routers share the database. The schema is created, and brought up to date, when 
 opened (``schema_version`` table). Finished jobs are archived into ``archived_jobs``, partitioned
 by the month they were queued (router/archive.py ``PostgresArchive``).
 
-Calls run on the caller's thread like the SQLite store's: a loopback round trip is a fraction of
-a millisecond; the archive and look-ups of old jobs run in worker threads.
+The store's methods block, like the SQLite store's (the command line and tests use them). The
+router's hot calls (a job queued, claimed, finished, looked up; a key checked) also have async
+twins on psycopg's async connections, which the router uses (router/store ``store_call``): a round
+trip to the database never holds up its event loop. The rest (keys, files, retention, peers'
+exchanges) run rarely, or in worker threads.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import datetime as dt
 import json
 import math
 import threading
+import weakref
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from gpugate.errors import ConfigError
 
@@ -97,13 +102,54 @@ SCHEMA_LOCK = 4242
 PARTITION_LOCK = 4243
 
 
+CHECK_IDLE_S = 5.0  # a pooled connection idle this long is checked before it is handed out
+_last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def _used(db: psycopg.Connection[Any]) -> None:
+    _last_used[db] = time.monotonic()
+
+
+async def _async_used(db: psycopg.AsyncConnection[Any]) -> None:
+    _last_used[db] = time.monotonic()
+
+
+def _check_if_idle(db: psycopg.Connection[Any]) -> None:
+    """A connection back in the pool a while ago may have died with a restarted server: checked (a
+    round trip) before it is handed out; one used moments ago is not (a check on every call would
+    double the round trips)."""
+    if time.monotonic() - _last_used.get(db, -math.inf) > CHECK_IDLE_S:
+        ConnectionPool.check_connection(db)
+
+
+async def _async_check_if_idle(db: psycopg.AsyncConnection[Any]) -> None:
+    if time.monotonic() - _last_used.get(db, -math.inf) > CHECK_IDLE_S:
+        await AsyncConnectionPool.check_connection(db)
+
+
+def _connection_kwargs() -> dict[str, Any]:
+    return {"autocommit": True, "row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT_S),
+            "options": f"-c statement_timeout={int(STATEMENT_TIMEOUT_S * 1000)}"}
+
+
 def connection_pool(url: str, size: int, name: str) -> ConnectionPool:
     pool = ConnectionPool(url, min_size=1, max_size=size, open=False, name=name,
-                          check=ConnectionPool.check_connection,  # a restarted server's dead connections are not handed out
-                          kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT_S),
-                                  "options": f"-c statement_timeout={int(STATEMENT_TIMEOUT_S * 1000)}"})
+                          check=_check_if_idle, reset=_used,  # a restarted server's dead connections are not handed out
+                          kwargs=_connection_kwargs())
     pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
     return pool
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One statement of a plan (``PostgresStore._run``): what to run and what its caller gets back."""
+
+    sql: str
+    args: Any = ()
+    gives: str = "count"  # "count" (rows changed), "one" (a row or None), "all" (rows), "many" (executemany: None)
+
+
+Plan = Generator[_Step, Any, Any]  # statements out, their results in, the method's answer at the end
 
 
 class PostgresStore:
@@ -116,6 +162,8 @@ class PostgresStore:
     def __init__(self, url: str, pool_size: int = POOL_SIZE, hold: str | None = None, standby: bool = False,
                  give_up: threading.Event | None = None) -> None:
         self.url = url
+        self._apool: AsyncConnectionPool | None = None  # for the router's hot calls (``open_async``)
+        self._pool_size = pool_size
         self.shared = hold == "shared"
         self._lock: psycopg.Connection[Any] | None = None
         if hold is not None:
@@ -212,38 +260,117 @@ class PostgresStore:
         with self._db() as db:
             return db.execute(sql, tuple(args)).rowcount
 
+    # ---- the router's hot calls, on its event loop ---------------------------------------------------
+    # A hot call is written once, as a plan (a generator of statements), and run either here on a
+    # pooled connection (``_run``: the command line, tests) or without blocking on the router's event
+    # loop (``_arun``, psycopg's async connections: router/store ``store_call`` picks ``async_<name>``).
+
+    async def open_async(self) -> None:
+        """Open the pool of async connections (on the event loop that will use it)."""
+        if self._apool is None:
+            self._apool = AsyncConnectionPool(self.url, min_size=1, max_size=self._pool_size, open=False,
+                                              name="gpugate-store-async", check=_async_check_if_idle, reset=_async_used,
+                                              kwargs=_connection_kwargs())
+            await self._apool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+
+    async def close_async(self) -> None:
+        if self._apool is not None:
+            await self._apool.close()
+            self._apool = None
+
+    @property
+    def async_ready(self) -> bool:
+        return self._apool is not None
+
+    def _run(self, plan: Plan, transaction: bool = False) -> Any:
+        with self.pool.connection() as db, (db.transaction() if transaction else contextlib.nullcontext()):
+            result = None
+            try:
+                while True:
+                    step = plan.send(result)
+                    if step.gives == "many":
+                        with db.cursor() as cur:
+                            cur.executemany(step.sql, step.args)
+                        result = None
+                    else:
+                        cur = db.execute(step.sql, step.args)
+                        result = cur.rowcount if step.gives == "count" else cur.fetchone() if step.gives == "one" \
+                            else cur.fetchall()
+            except StopIteration as done:
+                return done.value
+
+    async def _arun(self, plan: Plan, transaction: bool = False) -> Any:
+        assert self._apool is not None
+        async with self._apool.connection() as db:
+            async with db.transaction() if transaction else contextlib.nullcontext():  # type: ignore[attr-defined]
+                result = None
+                try:
+                    while True:
+                        step = plan.send(result)
+                        if step.gives == "many":
+                            async with db.cursor() as cur:
+                                await cur.executemany(step.sql, step.args)
+                            result = None
+                        else:
+                            acur = await db.execute(step.sql, step.args)
+                            result = acur.rowcount if step.gives == "count" else await acur.fetchone() \
+                                if step.gives == "one" else await acur.fetchall()
+                except StopIteration as done:
+                    return done.value
+
     # ---- jobs ------------------------------------------------------------------------------------
 
     def add_job(self, job: Job) -> Job:
         """Insert a queued job with its refId and input files, in one transaction."""
-        values = [encode(c, getattr(job, c)) for c in JOB_COLUMNS]
-        try:
-            with self._transaction() as db:
-                row = db.execute(f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES "
-                                 f"({', '.join(['%s'] * len(JOB_COLUMNS))}) RETURNING id", values).fetchone()
-                job.id = row["id"] if row else 0
-                if job.ref_id is not None:
-                    db.execute("INSERT INTO refs (key_id, ref_id, job_id) VALUES (%s, %s, %s)",
-                               (job.key_id or 0, job.ref_id, job.id))
-                self._add_files(db, [(name, job.id, job.key_id, label, None) for name, label in inputs_of(job)])
-        except psycopg.errors.UniqueViolation as exc:
-            if exc.diag.constraint_name != "refs_pkey":
-                raise
-            raise DuplicateRefId(job.ref_id or "") from exc
-        return job
+        with _duplicate_ref(job):
+            return self._run(self._add_job(job), transaction=True)  # type: ignore[no-any-return]
+
+    async def async_add_job(self, job: Job) -> Job:
+        with _duplicate_ref(job):
+            return await self._arun(self._add_job(job), transaction=True)  # type: ignore[no-any-return]
 
     @staticmethod
-    def _add_files(db: psycopg.Connection[dict[str, Any]], rows: list[tuple[Any, ...]]) -> None:
-        if rows:
-            with db.cursor() as cur:
-                cur.executemany("INSERT INTO files (name, job_id, key_id, label, finished) VALUES (%s, %s, %s, %s, %s) "
-                                "ON CONFLICT (name) DO NOTHING", rows)
+    def _add_job(job: Job) -> Plan:
+        values = [encode(c, getattr(job, c)) for c in JOB_COLUMNS]
+        row = yield _Step(f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({', '.join(['%s'] * len(JOB_COLUMNS))}) "
+                          "RETURNING id", values, "one")
+        job.id = row["id"] if row else 0
+        if job.ref_id is not None:
+            yield _Step("INSERT INTO refs (key_id, ref_id, job_id) VALUES (%s, %s, %s)", (job.key_id or 0, job.ref_id, job.id))
+        if files := [(name, job.id, job.key_id, label, None) for name, label in inputs_of(job)]:
+            yield _add_files(files)
+        return job
 
     def get_job(self, job_id: int) -> Job | None:
-        return job_of(self._one("SELECT * FROM jobs WHERE id = %s", (job_id,)))  # type: ignore[arg-type]
+        return self._run(self._get_job(job_id))  # type: ignore[no-any-return]
+
+    async def async_get_job(self, job_id: int) -> Job | None:
+        return await self._arun(self._get_job(job_id))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _get_job(job_id: int) -> Plan:
+        return job_of((yield _Step("SELECT * FROM jobs WHERE id = %s", (job_id,), "one")))
+
+    def get_jobs(self, job_ids: list[int]) -> list[Job]:
+        return self._run(self._get_jobs(job_ids))  # type: ignore[no-any-return]
+
+    async def async_get_jobs(self, job_ids: list[int]) -> list[Job]:
+        return await self._arun(self._get_jobs(job_ids))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _get_jobs(job_ids: list[int]) -> Plan:
+        rows = yield _Step("SELECT * FROM jobs WHERE id = ANY(%s)", (job_ids,), "all")
+        return [j for j in map(job_of, rows) if j is not None]
 
     def job_id_by_ref(self, key_id: int | None, ref_id: str) -> int | None:
-        row = self._one("SELECT job_id FROM refs WHERE key_id = %s AND ref_id = %s", (key_id or 0, ref_id))
+        return self._run(self._job_id_by_ref(key_id, ref_id))  # type: ignore[no-any-return]
+
+    async def async_job_id_by_ref(self, key_id: int | None, ref_id: str) -> int | None:
+        return await self._arun(self._job_id_by_ref(key_id, ref_id))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _job_id_by_ref(key_id: int | None, ref_id: str) -> Plan:
+        row = yield _Step("SELECT job_id FROM refs WHERE key_id = %s AND ref_id = %s", (key_id or 0, ref_id), "one")
         return row["job_id"] if row else None
 
     def unfinished_jobs(self) -> list[Job]:
@@ -252,48 +379,83 @@ class PostgresStore:
 
     def claim(self, job: Job, agent: str, session: str, now: float) -> bool:
         """Give the next attempt of a queued job to ``session``; False if it is no longer queued."""
-        return self._changed(
+        return self._run(self._claim(job, agent, session, now)) == 1
+
+    async def async_claim(self, job: Job, agent: str, session: str, now: float) -> bool:
+        return await self._arun(self._claim(job, agent, session, now)) == 1
+
+    @staticmethod
+    def _claim(job: Job, agent: str, session: str, now: float) -> Plan:
+        return (yield _Step(
             "UPDATE jobs SET state = %s, agent = %s, session = %s, lease_expires = NULL, attempt = attempt + 1, "
             "started = %s WHERE id = %s AND state = %s AND attempt = %s",
-            (JobState.STARTED, agent, session, now, job.id, JobState.QUEUED, job.attempt)) == 1
+            (JobState.STARTED, agent, session, now, job.id, JobState.QUEUED, job.attempt)))
 
     def requeue(self, job: Job) -> bool:
-        return self._changed(
+        return self._run(self._requeue(job)) == 1
+
+    async def async_requeue(self, job: Job) -> bool:
+        return await self._arun(self._requeue(job)) == 1
+
+    @staticmethod
+    def _requeue(job: Job) -> Plan:
+        return (yield _Step(
             "UPDATE jobs SET state = %s, agent = NULL, session = NULL, lease_expires = NULL, avoid = %s, "
             "min_free_vram = %s, failures = %s WHERE id = %s AND state = %s AND attempt = %s "
             "AND session IS NOT DISTINCT FROM %s",
             (JobState.QUEUED, json.dumps(job.avoid), job.min_free_vram, job.failures, job.id, JobState.STARTED,
-             job.attempt, job.session)) == 1
+             job.attempt, job.session)))
 
     def finish(self, job: Job, now: float, delivery: Delivery | None = None) -> bool:
         """Record a final state, its output files and its callback in one transaction; only the
         attempt that holds the job (or a queued job) can."""
-        with self._transaction() as db:
-            changed = db.execute(
-                "UPDATE jobs SET state = %s, results = %s, error = %s, finished = %s, lease_expires = NULL, "
-                "failures = %s WHERE id = %s AND attempt = %s AND state IN (%s, %s)",
-                (job.state, encode("results", job.results), encode("error", job.error), now, job.failures, job.id,
-                 job.attempt, JobState.QUEUED, JobState.STARTED)).rowcount
-            if changed != 1:
-                return False
-            self._add_files(db, [(name, job.id, job.key_id, label, None) for name, label in outputs_of(job)])
-            db.execute("UPDATE files SET finished = %s WHERE job_id = %s", (now, job.id))
-            if delivery is not None:
-                values = [getattr(delivery, c) for c in _DELIVERY_COLUMNS]
-                row = db.execute(f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) VALUES "
-                                 f"({', '.join(['%s'] * len(values))}) RETURNING id", values).fetchone()
-                delivery.id = row["id"] if row else 0
+        return self._run(self._finish(job, now, delivery), transaction=True)  # type: ignore[no-any-return]
+
+    async def async_finish(self, job: Job, now: float, delivery: Delivery | None = None) -> bool:
+        return await self._arun(self._finish(job, now, delivery), transaction=True)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _finish(job: Job, now: float, delivery: Delivery | None) -> Plan:
+        changed = yield _Step(
+            "UPDATE jobs SET state = %s, results = %s, error = %s, finished = %s, lease_expires = NULL, "
+            "failures = %s WHERE id = %s AND attempt = %s AND state IN (%s, %s)",
+            (job.state, encode("results", job.results), encode("error", job.error), now, job.failures, job.id,
+             job.attempt, JobState.QUEUED, JobState.STARTED))
+        if changed != 1:
+            return False
+        if files := [(name, job.id, job.key_id, label, None) for name, label in outputs_of(job)]:
+            yield _add_files(files)
+        yield _Step("UPDATE files SET finished = %s WHERE job_id = %s", (now, job.id))
+        if delivery is not None:
+            values = [getattr(delivery, c) for c in _DELIVERY_COLUMNS]
+            row = yield _Step(f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) VALUES "
+                              f"({', '.join(['%s'] * len(values))}) RETURNING id", values, "one")
+            delivery.id = row["id"] if row else 0
         return True
 
     def set_lease_expiry(self, job: Job, expires: float | None) -> bool:
-        return self._changed(
+        return self._run(self._set_lease_expiry(job, expires)) == 1
+
+    async def async_set_lease_expiry(self, job: Job, expires: float | None) -> bool:
+        return await self._arun(self._set_lease_expiry(job, expires)) == 1
+
+    @staticmethod
+    def _set_lease_expiry(job: Job, expires: float | None) -> Plan:
+        return (yield _Step(
             "UPDATE jobs SET lease_expires = %s WHERE id = %s AND attempt = %s AND session = %s AND state = %s",
-            (expires, job.id, job.attempt, job.session, JobState.STARTED)) == 1
+            (expires, job.id, job.attempt, job.session, JobState.STARTED)))
 
     def move_lease(self, job: Job, session: str) -> bool:
-        return self._changed(
+        return self._run(self._move_lease(job, session)) == 1
+
+    async def async_move_lease(self, job: Job, session: str) -> bool:
+        return await self._arun(self._move_lease(job, session)) == 1
+
+    @staticmethod
+    def _move_lease(job: Job, session: str) -> Plan:
+        return (yield _Step(
             "UPDATE jobs SET session = %s, lease_expires = NULL WHERE id = %s AND attempt = %s AND session = %s "
-            "AND state = %s", (session, job.id, job.attempt, job.session, JobState.STARTED)) == 1
+            "AND state = %s", (session, job.id, job.attempt, job.session, JobState.STARTED)))
 
     def find_jobs(self, query: JobQuery) -> list[Job]:
         with self._db() as db:
@@ -374,7 +536,14 @@ class PostgresStore:
                              (limits.weight, limits.max_queued, limits.per_minute, key_id)) == 1
 
     def key_by_digest(self, digest: str) -> Key | None:
-        row = self._one("SELECT * FROM api_keys WHERE digest = %s", (digest,))
+        return self._run(self._key_by_digest(digest))  # type: ignore[no-any-return]
+
+    async def async_key_by_digest(self, digest: str) -> Key | None:
+        return await self._arun(self._key_by_digest(digest))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _key_by_digest(digest: str) -> Plan:
+        row = yield _Step("SELECT * FROM api_keys WHERE digest = %s", (digest,), "one")
         return _key(row) if row else None
 
     def get_key(self, key_id: int) -> Key | None:
@@ -436,6 +605,22 @@ class PostgresStore:
     def agent_reports(self, timeout: float) -> list[dict[str, Any]]:
         """The reports heard within ``timeout`` seconds."""
         return self._all(f"SELECT * FROM agent_reports WHERE seen >= {NOW} - %s", (timeout,))
+
+
+def _add_files(rows: list[tuple[Any, ...]]) -> _Step:
+    return _Step("INSERT INTO files (name, job_id, key_id, label, finished) VALUES (%s, %s, %s, %s, %s) "
+                 "ON CONFLICT (name) DO NOTHING", rows, "many")
+
+
+@contextlib.contextmanager
+def _duplicate_ref(job: Job) -> Iterator[None]:
+    """A refId the key used already: DuplicateRefId (the store's own way of saying so)."""
+    try:
+        yield
+    except psycopg.errors.UniqueViolation as exc:
+        if exc.diag.constraint_name != "refs_pkey":
+            raise
+        raise DuplicateRefId(job.ref_id or "") from exc
 
 
 def find_jobs(db: psycopg.Connection[dict[str, Any]], table: str, query: JobQuery) -> list[Job]:

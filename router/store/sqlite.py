@@ -3,8 +3,8 @@
 ``synchronous=NORMAL`` with WAL: every commit is in the log file before the call returns, so a
 crash or kill of the router loses nothing; only a power cut can undo the latest commits (an
 operator who needs that too sets ``PRAGMA synchronous=FULL`` at the cost of an fsync per change).
-Calls run on the event loop's thread: each is a few tens of microseconds, less than a hand-off to
-a worker thread would cost (see bench/router.py).
+Calls run on the event loop's thread (router/store ``store_call``): each is a few tens of
+microseconds, less than a hand-off to a worker thread would cost (see bench/router.py).
 
 Files made by earlier versions are brought up to date when opened: missing columns are added, and
 the refs and files tables (version 2) are filled from the jobs they hold (``backfill`` does the
@@ -112,6 +112,10 @@ class SqliteStore:
 
     def get_job(self, job_id: int) -> Job | None:
         return job_of(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def get_jobs(self, job_ids: list[int]) -> list[Job]:
+        rows = self._db.execute(f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(job_ids))})", job_ids).fetchall()
+        return [j for j in map(job_of, rows) if j is not None]
 
     def job_id_by_ref(self, key_id: int | None, ref_id: str) -> int | None:
         row = self._db.execute("SELECT job_id FROM refs WHERE key_id = ? AND ref_id = ?", (key_id or 0, ref_id)).fetchone()
