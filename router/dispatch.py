@@ -32,6 +32,7 @@ from gpugate.wire import Failure, JobOffer
 
 from .backlog import Group, interleave
 from .queue import JobQueue
+from .retry import Decision
 from .scheduler import AgentView, JobNeeds, Unplaceable, choose
 from .sessions import AgentSession, SessionRegistry
 from .store import Job, JobState
@@ -145,9 +146,18 @@ class Dispatcher:
                     job = swap_free
                 taken.add(job.id)
                 self._unplaceable_since.pop(job.id, None)
-                session = self.sessions.sessions[choice.name]
+                session = self.sessions.sessions.get(choice.name)
+                if session is None:  # it left while this pass waited on the store
+                    views.pop(choice.name, None)
+                    decided.clear()
+                    continue
                 if not await self.queue.claim(job, session.name, session.id):
                     continue  # finished meanwhile (cancelled, say), or another router's agent took it
+                if self.sessions.by_id(session.id) is None:  # it left while the claim was written: nobody's lease
+                    await self.queue.requeue(job, Decision(True, charged=False))
+                    views.pop(choice.name, None)
+                    decided.clear()
+                    continue
                 session.offered(job.capability)
                 running[session.id] += 1
                 free -= 1
@@ -156,14 +166,14 @@ class Dispatcher:
                 decided.clear()  # that agent has one slot less now
                 offers.append((session, JobOffer(job_id=job.id, attempt=job.attempt, capability=job.capability,
                                                  params=job.params, inputs=job.inputs)))
-        finally:
+        finally:  # what was claimed is sent, whatever ended the pass
             order.close()
-        for session, offer in offers:
-            try:
-                await session.send(offer)
-                log.info("job sent", extra={"job": offer.job_id, "agent": session.name, "attempt": offer.attempt})
-            except (ConnectionError, RuntimeError) as exc:  # closing: its lease clock starts when it is gone
-                log.warning("job not sent", extra={"job": offer.job_id, "agent": session.name, "error": str(exc)})
+            for session, offer in offers:
+                try:
+                    await session.send(offer)
+                    log.info("job sent", extra={"job": offer.job_id, "agent": session.name, "attempt": offer.attempt})
+                except (ConnectionError, RuntimeError) as exc:  # closing: its lease clock starts when it is gone
+                    log.warning("job not sent", extra={"job": offer.job_id, "agent": session.name, "error": str(exc)})
 
     async def _time_limits(self, now: float) -> None:
         """Once a second: jobs of groups no agent of any router can take (no agent runs the
