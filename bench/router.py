@@ -84,6 +84,7 @@ class Services:
                 if all([await _agents(http, url) == 1 for url in self.urls]):
                     return self
                 await asyncio.sleep(0.1)
+        await self.__aexit__()  # what started is stopped
         raise RuntimeError("routers and agents did not come up")
 
     async def __aexit__(self, *exc: object) -> None:

@@ -166,6 +166,7 @@ async def _watchdog(app: web.Application) -> None:
             log.warning("agent silent, closing its connection", extra={"agent": session.name})
             await session.disconnect()  # its socket handler then starts its leases' clock
         await app[OUTCOMES].expire_leases(time.time())
+        await app[OUTCOMES].start_orphaned_clocks(time.time())
 
 
 async def _keep_database(store: Store) -> None:

@@ -162,7 +162,12 @@ class Bus:
             try:
                 await self._on_notices(batch)
             except Exception:  # notices that cannot be applied must not stop the ones after them
-                log.exception("notices not applied", extra={"jobs": sorted({n.job_id for n in batch})[:20]})
+                log.exception("notices not applied; reading every live job again",
+                              extra={"jobs": sorted({n.job_id for n in batch})[:20]})
+                try:
+                    await self._on_connected()
+                except Exception:
+                    log.exception("live jobs not read again; the next periodic read will")
 
     async def _connected(self, role: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]) -> None:
         """Run ``work`` on a connection of its own, on a new one whenever the last broke."""

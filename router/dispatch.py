@@ -119,7 +119,6 @@ class Dispatcher:
             return
         peers = self.sessions.peer_views()
         groups = [g for g in self.queue.backlog.groups() if not isinstance(choose(_lenient(g), views.values()), Unplaceable)]
-        offers: list[tuple[AgentSession, JobOffer]] = []
         decided: dict[JobNeeds, AgentView | Unplaceable] = {}
         order = _Buffered(self.queue.backlog.fair(groups, self._vtime, self.weight, self._clock))
         taken: set[int] = set()
@@ -147,7 +146,7 @@ class Dispatcher:
                 taken.add(job.id)
                 self._unplaceable_since.pop(job.id, None)
                 session = self.sessions.sessions.get(choice.name)
-                if session is None:  # it left while this pass waited on the store
+                if session is None or not session.can_take(job.capability):  # it changed while the pass waited on the store
                     views.pop(choice.name, None)
                     decided.clear()
                     continue
@@ -164,16 +163,10 @@ class Dispatcher:
                 self._served(job.key_id)
                 views[choice.name] = choice.took(job.capability)
                 decided.clear()  # that agent has one slot less now
-                offers.append((session, JobOffer(job_id=job.id, attempt=job.attempt, capability=job.capability,
-                                                 params=job.params, inputs=job.inputs)))
-        finally:  # what was claimed is sent, whatever ended the pass
+                await _send(session, JobOffer(job_id=job.id, attempt=job.attempt, capability=job.capability,
+                                              params=job.params, inputs=job.inputs))
+        finally:
             order.close()
-            for session, offer in offers:
-                try:
-                    await session.send(offer)
-                    log.info("job sent", extra={"job": offer.job_id, "agent": session.name, "attempt": offer.attempt})
-                except (ConnectionError, RuntimeError) as exc:  # closing: its lease clock starts when it is gone
-                    log.warning("job not sent", extra={"job": offer.job_id, "agent": session.name, "error": str(exc)})
 
     async def _time_limits(self, now: float) -> None:
         """Once a second: jobs of groups no agent of any router can take (no agent runs the
@@ -222,6 +215,15 @@ class Dispatcher:
             message = f"no connected agent could take it for {now - since:.0f}s: {why.reason}"
             log.warning("job unschedulable", extra={"job": job.id, "error": message})
             await self.queue.finish(job, JobState.FAILED, Failure(kind=FailureKind.UNSCHEDULABLE, message=message))
+
+
+async def _send(session: AgentSession, offer: JobOffer) -> None:
+    """An offer, at once after its claim (a cancel that comes after it finds the agent running it)."""
+    try:
+        await session.send(offer)
+        log.info("job sent", extra={"job": offer.job_id, "agent": session.name, "attempt": offer.attempt})
+    except (ConnectionError, RuntimeError) as exc:  # closing: its lease clock starts when it is gone
+        log.warning("job not sent", extra={"job": offer.job_id, "agent": session.name, "error": str(exc)})
 
 
 class _Buffered:

@@ -23,7 +23,7 @@ from gpugate.wire import Delta, Done, Failed, Failure, HeldJob, Progress, StopJo
 from .queue import JobQueue
 from .retention import Retention
 from .retry import after_failure
-from .sessions import AgentSession, SessionRegistry
+from .sessions import AgentSession, SessionRegistry, is_local_worker, router_of
 from .store import Job, JobState
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,16 @@ class Outcomes:
 
     async def expire_leases(self, now: float) -> None:
         for job in self.queue.expired_leases(now):
-            await self.lost(job, f"agent {job.agent} did not come back within {self.lease_grace_s:.0f}s")
+            if job.state == JobState.STARTED and job.lease_expires is not None and job.lease_expires <= now:  # still
+                await self.lost(job, f"agent {job.agent} did not come back within {self.lease_grace_s:.0f}s")
+
+    async def start_orphaned_clocks(self, now: float) -> None:
+        """Leases of sessions of this router that are gone but whose clock never started (a store
+        call that failed as the session ended, say) start it now: no lease is anybody's forever."""
+        if orphans := [j for j in self.queue.running() if j.lease_expires is None and not is_local_worker(j.agent)
+                       and router_of(j.session) == self.sessions.router_id and self.sessions.by_id(j.session) is None]:
+            log.warning("leases of gone sessions without a clock; started", extra={"jobs": [j.id for j in orphans]})
+            await self.queue.start_lease_clocks(orphans, now + self.lease_grace_s)
 
     async def lost(self, job: Job, why: str) -> None:
         log.warning("job lost with its agent", extra={"job": job.id, "agent": job.agent, "error": why})

@@ -49,6 +49,7 @@ class JobQueue:
         self.live: dict[int, Job] = {}
         self.backlog = Backlog(self.live)  # the queued ones, indexed for dispatch
         self._started: set[int] = set()  # ids of running jobs (and some that no longer run: dropped when met)
+        self._changes: dict[int, int] = {}  # job -> changes made here: a read of the store older than one is read again
         self.explain: Callable[[Job], str | None] = lambda job: None  # why a queued job waits (the dispatcher's)
         self.progress: dict[int, Progress] = {}
         self._callback_for = callback_for or (lambda job: None)
@@ -88,7 +89,13 @@ class JobQueue:
 
     async def follow_many(self, job_ids: list[int]) -> list[Job | None]:
         """``follow`` for several jobs, read from the store at once."""
-        stored = {job.id: job for job in await self._io(self.store.get_jobs, job_ids)} if job_ids else {}
+        if not job_ids:
+            return []
+        for attempt in range(2):
+            changes = {job_id: self._changes.get(job_id, 0) for job_id in job_ids}
+            stored = {job.id: job for job in await self._io(self.store.get_jobs, job_ids)}
+            if attempt == 1 or all(self._changes.get(j, 0) == n for j, n in changes.items()):
+                break  # (read again once if this router changed one of them during the read)
         return [self._follow(job_id, stored.get(job_id)) for job_id in job_ids]
 
     def _follow(self, job_id: int, stored: Job | None) -> Job | None:
@@ -119,16 +126,21 @@ class JobQueue:
         """Follow the store's live jobs (``unfinished``, read now if not given) after this router may
         have missed other routers' news. A job the read shows otherwise than the cache is read again
         (this router may have changed it since ``unfinished`` was read)."""
+        changes = dict(self._changes)
         stored = {job.id: job for job in (await self._io(self.store.unfinished_jobs) if unfinished is None else unfinished)}
         again = []
         for job_id in set(self.live) | set(stored):
             cached, fresh = self.live.get(job_id), stored.get(job_id)
-            if cached is None and fresh is not None:
-                self.live[job_id] = fresh  # not cached: not changed here either
+            if self._changes.get(job_id, 0) != changes.get(job_id, 0):
+                again.append(job_id)  # changed here during the read
+            elif cached is None and fresh is not None:
+                self.live[job_id] = fresh  # neither cached nor changed here
                 self._track(fresh)
             elif fresh is None or _lease(cached) != _lease(fresh):
                 again.append(job_id)
         await self.follow_many(again)
+        for job_id in [j for j in self._changes if j not in self.live]:
+            del self._changes[job_id]
         self.on_change()
 
     # ---- clients -------------------------------------------------------------------------------
@@ -184,6 +196,10 @@ class JobQueue:
     def running_by_session(self) -> Counter[str]:
         return Counter(j.session for j in self.running() if j.session)
 
+    def _changed(self, job: Job) -> None:
+        """This router changed the job (after the store took it)."""
+        self._changes[job.id] = self._changes.get(job.id, 0) + 1
+
     def _track(self, job: Job) -> None:
         """Index a job that is now queued or running (router/backlog.py; ``running``)."""
         if job.state == JobState.STARTED:
@@ -193,13 +209,14 @@ class JobQueue:
 
     async def claim(self, job: Job, agent: str, session: str) -> bool:
         """Start the job's next attempt under ``session``'s lease; False if it is no longer queued."""
-        now = time.time()
-        if not await self._io(self.store.claim, job, agent, session, now):
+        now, seen = time.time(), dataclasses.replace(job)  # the store is asked about the job as seen now
+        if not await self._io(self.store.claim, seen, agent, session, now):
             await self._reload(job)  # it changed under us: follow the store
             return False
+        self._changed(job)
         job.state, job.agent, job.session, job.lease_expires = JobState.STARTED, agent, session, None
         self._started.add(job.id)
-        job.attempt += 1
+        job.attempt = seen.attempt + 1
         job.started = now
         self.announce(job.id, None)
         return True
@@ -236,6 +253,7 @@ class JobQueue:
         if not await self._io(self.store.requeue, again):
             await self._reload(job)
             return
+        self._changed(job)
         _update(job, again, state=JobState.QUEUED, agent=None, session=None, lease_expires=None)
         self._track(job)
         self.progress.pop(job.id, None)
@@ -252,6 +270,7 @@ class JobQueue:
         if not await self._io(self.store.finish, ended, ended.finished or 0.0, self._callback_for(ended)):
             await self._reload(job)
             return
+        self._changed(job)
         _update(job, ended)
         self.announce(job.id, None)
         self._ended(job)
@@ -280,9 +299,11 @@ class JobQueue:
 
     async def move_lease(self, job: Job, session: str) -> bool:
         """The agent holding ``job`` came back as ``session``: its lease goes along."""
-        if not await self._io(self.store.move_lease, job, session):
+        seen = dataclasses.replace(job)
+        if not await self._io(self.store.move_lease, seen, session):
             await self._reload(job)
             return False
+        self._changed(job)
         job.session, job.lease_expires = session, None
         self.announce(job.id, None)
         return True
@@ -292,9 +313,13 @@ class JobQueue:
         return await self.start_lease_clocks(self.leases_of([session]), expires)
 
     async def start_lease_clocks(self, jobs: list[Job], expires: float | None) -> int:
-        """Set the given leases' expiry (None: their session is here after all)."""
-        for job in jobs:
-            if await self._io(self.store.set_lease_expiry, job, expires):
+        """Set the given leases' expiry (None: their session is here after all), each as it stands
+        now: a lease that moved meanwhile (its agent came back) is left to its new session."""
+        seen = [dataclasses.replace(job) for job in jobs]
+        for job, then in zip(jobs, seen, strict=True):
+            done = await self._io(self.store.set_lease_expiry, then, expires)
+            if done and (job.session, job.attempt) == (then.session, then.attempt):
+                self._changed(job)
                 job.lease_expires = expires
                 self.announce(job.id, None)
             else:

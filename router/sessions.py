@@ -127,6 +127,12 @@ class AgentSession:
         else:
             self.pools[capability] = self.pools.get(capability, 0) + slots
 
+    def can_take(self, capability: str) -> bool:
+        """Whether it has a free slot for a job of ``capability`` now (and is not leaving)."""
+        if self.draining or capability not in self.capabilities:
+            return False
+        return (self.pools.get(capability, 0) if capability in self.pools else self.slots) > 0
+
     def offered(self, capability: str) -> None:
         """A job of ``capability`` was sent: one slot less (its own, if it has slots of its own)."""
         if capability in self.pools:

@@ -1,7 +1,8 @@
 """Two routers serving one PostgreSQL and one file store at once (router.shared), each with agents of
 its own: any router answers for any job. A chat submitted to router 1 runs on router 2's agent and
 streams through router 1; status, waiting reasons, models and cancel work through either; each
-callback is delivered once; an agent's name is one across routers; kill -9 of a router mid-stream
+callback is delivered once; the job's event stream through either router ends with its result; an
+agent's name is one across routers; kill -9 of a router mid-stream
 loses nothing (its agent reconnects to the other, every job completes)."""
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ async def _state(url: str, key: str, job_id: int, wanted: tuple[str, ...], timeo
     return status
 
 
+async def _events(url: str, key: str, job_id: int) -> list[tuple[str, dict[str, Any]]]:
+    """GetJobEvents' events for a job until its result: (event name, data)."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http, \
+            http.get(f"{url}/api/GetJobEvents", params={"jobId": str(job_id)}) as r:
+        name = None
+        async for line in r.content:
+            text = line.decode().strip()
+            if text.startswith("event: "):
+                name = text.removeprefix("event: ")
+            elif text.startswith("data: ") and name:
+                events.append((name, json.loads(text.removeprefix("data: "))))
+                if name == "result":
+                    break
+    return events
+
+
 async def _models(url: str, key: str) -> list[str]:
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http, \
             http.get(f"{url}/v1/models") as r:
@@ -122,6 +140,7 @@ async def test_any_router_serves_any_job(pair: tuple[RouterProcess, RouterProces
         await _state(one.url, key, long["id"], ("Started",))
         waiting = await api_call(one.url, key, "QueueOpenAiChatCompletion",
                                  {"request": _chat(SHORT, 20), "replyTo": hook, "refId": "after-cancel"})
+        followed = asyncio.create_task(_events(one.url, key, waiting["id"]))  # through router 1, run by router 2
         await asyncio.sleep(1.5)  # a dispatch pass or two on each router
         queued = await api_call(one.url, key, "GetOpenAiChatStatus", {"jobId": waiting["id"]})
         assert queued["jobState"] == "Queued" and "waiting for a free agent" in queued["status"], queued
@@ -133,6 +152,9 @@ async def test_any_router_serves_any_job(pair: tuple[RouterProcess, RouterProces
             await asyncio.sleep(0.2)
         done = await _state(two.url, key, waiting["id"], FINAL, timeout=60)  # its one slot is free again
         assert done["jobState"] == "Completed", done
+        events = await asyncio.wait_for(followed, 30)
+        assert events[0][0] == "progress" and events[-1][0] == "result", events
+        assert events[-1][1]["jobState"] == "Completed"
 
         # its callback arrives once, whichever router sends it
         deadline = time.monotonic() + 30

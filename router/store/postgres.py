@@ -106,14 +106,6 @@ CHECK_IDLE_S = 5.0  # a pooled connection idle this long is checked before it is
 _last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
-def _used(db: psycopg.Connection[Any]) -> None:
-    _last_used[db] = time.monotonic()
-
-
-async def _async_used(db: psycopg.AsyncConnection[Any]) -> None:
-    _last_used[db] = time.monotonic()
-
-
 def _check_if_idle(db: psycopg.Connection[Any]) -> None:
     """A connection back in the pool a while ago may have died with a restarted server: checked (a
     round trip) before it is handed out; one used moments ago is not (a check on every call would
@@ -134,7 +126,7 @@ def _connection_kwargs() -> dict[str, Any]:
 
 def connection_pool(url: str, size: int, name: str) -> ConnectionPool:
     pool = ConnectionPool(url, min_size=1, max_size=size, open=False, name=name,
-                          check=_check_if_idle, reset=_used,  # a restarted server's dead connections are not handed out
+                          check=_check_if_idle,  # a restarted server's dead connections are not handed out
                           kwargs=_connection_kwargs())
     pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
     return pool
@@ -242,6 +234,7 @@ class PostgresStore:
     def _db(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         with self.pool.connection() as db:
             yield db
+            _last_used[db] = time.monotonic()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
@@ -268,10 +261,10 @@ class PostgresStore:
     async def open_async(self) -> None:
         """Open the pool of async connections (on the event loop that will use it)."""
         if self._apool is None:
-            self._apool = AsyncConnectionPool(self.url, min_size=1, max_size=self._pool_size, open=False,
-                                              name="gpugate-store-async", check=_async_check_if_idle, reset=_async_used,
-                                              kwargs=_connection_kwargs())
-            await self._apool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+            pool = AsyncConnectionPool(self.url, min_size=1, max_size=self._pool_size, open=False,
+                                       name="gpugate-store-async", check=_async_check_if_idle, kwargs=_connection_kwargs())
+            await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+            self._apool = pool
 
     async def close_async(self) -> None:
         if self._apool is not None:
@@ -284,6 +277,7 @@ class PostgresStore:
 
     def _run(self, plan: Plan, transaction: bool = False) -> Any:
         with self.pool.connection() as db, (db.transaction() if transaction else contextlib.nullcontext()):
+            _last_used[db] = time.monotonic()
             result = None
             try:
                 while True:
@@ -302,6 +296,7 @@ class PostgresStore:
     async def _arun(self, plan: Plan, transaction: bool = False) -> Any:
         assert self._apool is not None
         async with self._apool.connection() as db:
+            _last_used[db] = time.monotonic()
             async with db.transaction() if transaction else contextlib.nullcontext():  # type: ignore[attr-defined]
                 result = None
                 try:
