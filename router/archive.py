@@ -19,7 +19,7 @@ from pathlib import Path
 
 from typing import Any, Protocol
 
-from .store import Job, JobQuery, Store
+from .store import Job, JobQuery, Store, store_call
 from .store.sqlite import ADDED_JOB_COLUMNS, JOB_COLUMNS, JOBS_TABLE, add_missing_columns, encode, find_jobs, job_of
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,11 @@ async def bring_up_to_date(store: Store, archive: Archive) -> None:
 
 async def archive_finished(store: Store, archive: Archive, older_than_s: float) -> int:
     """Move finished jobs older than ``older_than_s`` into the archive; how many moved. The archive
-    files are written in a worker thread; the live store stays on the event loop's thread."""
+    is written in a worker thread; the live store is called through ``store_call``."""
     moved = 0
-    while jobs := store.finished_before(time.time() - older_than_s, BATCH):
+    while jobs := await store_call(store, store.finished_before, time.time() - older_than_s, BATCH):
         await asyncio.to_thread(archive.put, jobs)
-        store.forget_jobs([j.id for j in jobs])
+        await store_call(store, store.forget_jobs, [j.id for j in jobs])
         moved += len(jobs)
     return moved
 

@@ -63,7 +63,8 @@ class KeyLimiter:
 
 class KeyWeights:
     """Each key's weight for the dispatcher, read from the store at most every ``ttl_s`` (a key's
-    limits rarely change; a change takes effect within that)."""
+    limits rarely change; a change takes effect within that). A read made during a dispatch pass
+    is a blocking call, once per key per ``ttl_s``."""
 
     def __init__(self, store: Store, ttl_s: float = 5.0) -> None:
         self.store, self.ttl_s = store, ttl_s
