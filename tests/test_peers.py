@@ -195,3 +195,14 @@ async def test_the_routers_hot_calls_run_on_async_connections_with_the_same_answ
     finally:
         await store.close_async()
         store.close()
+
+
+def test_shared_without_a_database_or_with_standby_is_refused(tmp_path: Any) -> None:
+    from router.store.backends import open_store
+
+    for env, message in (({"GPUGATE_ROUTER__SHARED": "true"}, "router.shared needs router.database_url"),
+                         ({"GPUGATE_ROUTER__SHARED": "true", "GPUGATE_ROUTER__STANDBY": "true",
+                           "GPUGATE_ROUTER__DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}, "exclude each other")):
+        settings = load_settings(environ={**env, "GPUGATE_PATHS__DATA_DIR": str(tmp_path)})
+        with pytest.raises(ConfigError, match=message):
+            open_store(settings, router=True)
