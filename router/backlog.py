@@ -50,6 +50,10 @@ class Backlog:
     def groups(self) -> list[Group]:
         return list(self._lines)
 
+    def keys(self, groups: Iterable[Group]) -> set[KeyId]:
+        """The API keys with jobs indexed in ``groups``."""
+        return {key for group in groups for key in self._lines.get(group, {})}
+
     def jobs(self, group: Group) -> Iterator[Job]:
         """The queued jobs of one group, oldest first per key."""
         for line in self._lines.get(group, {}).values():

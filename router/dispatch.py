@@ -119,6 +119,8 @@ class Dispatcher:
             return
         peers = self.sessions.peer_views()
         groups = [g for g in self.queue.backlog.groups() if not isinstance(choose(_lenient(g), views.values()), Unplaceable)]
+        if (refresh := getattr(self.weight, "refresh", None)) is not None:  # the keys' weights, read before the pass
+            await refresh(self.queue.backlog.keys(groups))
         decided: dict[JobNeeds, AgentView | Unplaceable] = {}
         order = _Buffered(self.queue.backlog.fair(groups, self._vtime, self.weight, self._clock))
         taken: set[int] = set()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .store import Job, JobState, Key, Store
+from .store import Job, JobState, Key, Store, store_call
 
 
 class LimitExceeded(Exception):
@@ -63,19 +63,23 @@ class KeyLimiter:
 
 class KeyWeights:
     """Each key's weight for the dispatcher, read from the store at most every ``ttl_s`` (a key's
-    limits rarely change; a change takes effect within that). A read made during a dispatch pass
-    is a blocking call, once per key per ``ttl_s``."""
+    limits rarely change; a change takes effect within that): ``refresh`` before a pass reads
+    what is due (through ``store_call``), so the pass itself only looks up."""
 
     def __init__(self, store: Store, ttl_s: float = 5.0) -> None:
         self.store, self.ttl_s = store, ttl_s
         self._known: dict[int, tuple[float, int]] = {}
 
+    async def refresh(self, key_ids: Iterable[int | None]) -> None:
+        now = time.monotonic()
+        for key_id in key_ids:
+            known = self._known.get(key_id) if key_id is not None else None
+            if key_id is not None and (known is None or now - known[0] > self.ttl_s):
+                key = await store_call(self.store, self.store.get_key, key_id)
+                self._known[key_id] = (now, key.limits.weight if key is not None else 1)
+
     def __call__(self, key_id: int | None) -> int:
         if key_id is None:
             return 1
-        now = time.monotonic()
         known = self._known.get(key_id)
-        if known is None or now - known[0] > self.ttl_s:
-            key = self.store.get_key(key_id)
-            known = self._known[key_id] = (now, key.limits.weight if key is not None else 1)
-        return known[1]
+        return known[1] if known is not None else 1

@@ -440,3 +440,25 @@ async def test_a_pass_reads_what_agents_can_take_and_a_job_queued_again_keeps_it
     fleet.queue.backlog.compact()
     assert {j.id for j in fleet.queue.backlog.jobs(("txt2img", "nowhere.safetensors"))} == {j.id for j in stuck}
     assert list(fleet.queue.backlog.jobs(("txt2img", "m.safetensors"))) == [], "handed out: out of the index"
+
+
+async def test_a_keys_weight_from_the_store_sets_its_share(fleet: Fleet) -> None:
+    from router.keys import create_key
+    from router.limits import KeyWeights
+    from router.store import KeyLimits
+
+    heavy = create_key(fleet.store, "heavy", limits=KeyLimits(weight=3)).key
+    light = create_key(fleet.store, "light").key
+    dispatcher = Dispatcher(fleet.queue, fleet.sessions, 30, KeyWeights(fleet.store))
+    agent, _, _ = await fleet.join("a")
+    for _ in range(8):
+        await fleet.submit(key_id=heavy.id)
+        await fleet.submit(key_id=light.id)
+    served = []
+    for _ in range(8):  # one slot at a time
+        agent.slots = 1
+        before = len(fleet.sent)
+        await dispatcher.dispatch(time.time())
+        [(_, offer)] = fleet.sent[before:]
+        served.append(fleet.queue.live[offer.job_id].key_id)  # type: ignore[union-attr]
+    assert served.count(heavy.id) == 6 and served.count(light.id) == 2, served

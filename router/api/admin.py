@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from ..keys import create_key
 from ..sessions import router_of
 from ..state import CALLBACKS, FINDER, KEY, METRICS, QUEUE, RETENTION, SESSIONS, STORE
-from ..store import JobQuery, JobState, Key, KeyLimits
+from ..store import JobQuery, JobState, Key, KeyLimits, store_call
 from .errors import ApiError
 from .public import links
 from .requests import read_fields, validate_fields
@@ -43,7 +43,8 @@ def _key_info(key: Key) -> KeyInfo:
 
 async def list_keys(request: web.Request) -> web.Response:
     _admin(request)
-    return web.json_response(KeysResponse(keys=[_key_info(k) for k in request.app[STORE].list_keys()]).body())
+    store = request.app[STORE]
+    return web.json_response(KeysResponse(keys=[_key_info(k) for k in await store_call(store, store.list_keys)]).body())
 
 
 def _api_list(value: Any) -> Any:
@@ -80,8 +81,8 @@ class SetLimitsRequest(LimitsRequest):
 async def create(request: web.Request) -> web.Response:
     _admin(request)
     asked: NewKeyRequest = validate_fields(NewKeyRequest, await read_fields(request))
-    new = create_key(request.app[STORE], asked.name, tuple(asked.apis) if asked.apis else None, asked.admin,
-                     asked.limits())
+    new = await store_call(request.app[STORE], create_key, request.app[STORE], asked.name,
+                           tuple(asked.apis) if asked.apis else None, asked.admin, asked.limits())
     return web.json_response(NewKeyResponse(key=_key_info(new.key), token=new.token,
                                             webhook_secret=new.key.webhook_secret or "").body())
 
@@ -89,18 +90,20 @@ async def create(request: web.Request) -> web.Response:
 async def revoke(request: web.Request) -> web.Response:
     _admin(request)
     asked: RevokeKeyRequest = validate_fields(RevokeKeyRequest, await read_fields(request))
-    if not request.app[STORE].revoke_key(asked.id):
+    store = request.app[STORE]
+    if not await store_call(store, store.revoke_key, asked.id):
         raise ApiError(404, "NotFound", f"no active key {asked.id}")
-    return web.json_response(_key_info(next(k for k in request.app[STORE].list_keys() if k.id == asked.id)).body())
+    return web.json_response(_key_info(next(k for k in await store_call(store, store.list_keys) if k.id == asked.id)).body())
 
 
 async def set_limits(request: web.Request) -> web.Response:
     """A key's weight, queued-job cap and rate (each absent one: none; the weight: 1)."""
     _admin(request)
     asked: SetLimitsRequest = validate_fields(SetLimitsRequest, await read_fields(request))
-    if not request.app[STORE].set_key_limits(asked.id, asked.limits()):
+    store = request.app[STORE]
+    if not await store_call(store, store.set_key_limits, asked.id, asked.limits()):
         raise ApiError(404, "NotFound", f"no key {asked.id}")
-    key = request.app[STORE].get_key(asked.id)
+    key = await store_call(store, store.get_key, asked.id)
     assert key is not None
     return web.json_response(_key_info(key).body())
 
