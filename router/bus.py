@@ -92,6 +92,9 @@ class Bus:
         """Tell the other routers (never blocks: ``run`` sends it)."""
         for notice in notices_of(self.router, job_id, event):
             if notice.kind != Kind.JOB and len(self._out) >= QUEUE_MAX:
+                if self.dropped % 1000 == 0:  # the first of a run, and every thousandth after it
+                    log.warning("progress and text notices dropped: too many waiting to go out",
+                                extra={"job": notice.job_id, "dropped": self.dropped + 1})
                 self.dropped += 1
                 continue
             self._out.append(notice)

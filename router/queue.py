@@ -122,12 +122,12 @@ class JobQueue:
             self.on_change()
         return before
 
-    async def resync(self, unfinished: list[Job] | None = None) -> None:
-        """Follow the store's live jobs (``unfinished``, read now if not given) after this router may
-        have missed other routers' news. A job the read shows otherwise than the cache is read again
-        (this router may have changed it since ``unfinished`` was read)."""
+    async def resync(self) -> None:
+        """Follow the store's live jobs after this router may have missed other routers' news. A job
+        the read shows otherwise than the cache is read again (this router may have changed it
+        during the read)."""
         changes = dict(self._changes)
-        stored = {job.id: job for job in (await self._io(self.store.unfinished_jobs) if unfinished is None else unfinished)}
+        stored = {job.id: job for job in await self._io(self.store.unfinished_jobs)}
         again = []
         for job_id in set(self.live) | set(stored):
             cached, fresh = self.live.get(job_id), stored.get(job_id)
